@@ -4,6 +4,8 @@ Each figure is a ratio (variants timed interleaved, ABAB, ``--repeats`` times, m
 reported) or a fraction of a bound measured in the same run (matmul rate, read bandwidth; see
 ``bounds.py``). Prints the table, writes ``bench_out/results.json`` and rewrites the generated
 section of BENCHMARKS.md (between the ``BEGIN GENERATED`` / ``END GENERATED`` markers).
+A run of a subset (``--only``) keeps the other figures of the previous ``results.json`` and says in
+the table which run measured each carried-over figure.
 
 Usage: ``.venv/bin/python benchmarks/run.py [--repeats 3] [--only 1,2,4] [--no-markdown]``.
 Torch runs on 1 intra-op thread in this process (``OMP_NUM_THREADS=1``; the project's CPU default,
@@ -42,6 +44,7 @@ SIZES: dict[str, Any] = {
     "fig7_steps": 3, "fig7_batch": 2,
     "fig8_steps": 3, "fig8_completion": 48,
 }  # fmt: skip
+ALL_FIGURES = set(range(1, 10))
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 
@@ -81,6 +84,7 @@ def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
         "repeats": repeats,
         "load_average_start": load_average(),
         "sizes": SIZES,
+        "only": sorted(only),
     }
     set_threads(1)
     bounds = measure_bounds()
@@ -99,10 +103,39 @@ def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
             t0 = time.perf_counter()
             figures += step()
             log.info("figures %s: %.0fs", sorted(numbers & only), time.perf_counter() - t0)
-    doc["figures"] = [f.to_dict() for f in sorted(figures, key=lambda f: f.number)]
+    doc["figures"] = [{**f.to_dict(), "run": doc["date"]} for f in sorted(figures, key=lambda f: f.number)]
     doc["load_average_end"] = load_average()
     doc["wall_s"] = time.perf_counter() - started
+    if only >= ALL_FIGURES:
+        doc["last_full_run"] = {"date": doc["date"], "wall_s": doc["wall_s"]}
     return doc
+
+
+def merge_previous(doc: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Add the figures of ``previous`` that ``doc`` did not measure (not run, or no value, as figure 9
+    without a demo run), each marked with its run's date (and machine, when it differs), so a
+    partial run never drops figures from the table."""
+    if not previous:
+        return doc
+    previous_numbers = {f["number"] for f in previous.get("figures", []) if f.get("value") is not None}
+    kept = [f for f in doc["figures"] if f.get("value") is not None or f["number"] not in previous_numbers]
+    measured = {f["number"] for f in kept}
+    same_machine = previous.get("machine", {}).get("cpu_model") == doc["machine"].get("cpu_model")
+    carried = []
+    for f in previous.get("figures", []):
+        if f["number"] in measured:
+            continue
+        run = f.get("run") or previous.get("date", "?")
+        if not same_machine and " on " not in run:
+            run = f"{run} on {previous.get('machine', {}).get('cpu_model', '?')}"
+        carried.append({**f, "run": run})
+    figures = sorted(kept + carried, key=lambda f: f["number"])
+    full = (
+        doc.get("last_full_run")
+        or previous.get("last_full_run")
+        or {"date": previous.get("date"), "wall_s": previous.get("wall_s")}
+    )
+    return {**doc, "figures": figures, "last_full_run": full}
 
 
 def fmt(value: float | None) -> str:
@@ -119,8 +152,11 @@ def table(doc: dict[str, Any]) -> str:
     ]
     for f in doc["figures"]:
         met = {True: "yes", False: "**no**", None: "-"}[f["met"]]
+        name = f["name"]
+        if f.get("run") not in (None, doc["date"]):
+            name += f" (earlier run: {f['run']})"
         lines.append(
-            f"| {f['number']} | {f['name']} | {fmt(f['value'])} | {f['target']} | {met} "
+            f"| {f['number']} | {name} | {fmt(f['value'])} | {f['target']} | {met} "
             f"| {fmt(f['spread'])} | {f['baseline']} |"
         )
     return "\n".join(lines)
@@ -128,11 +164,18 @@ def table(doc: dict[str, Any]) -> str:
 
 def generated_section(doc: dict[str, Any]) -> str:
     m, b = doc["machine"], doc["bounds"]
+    only = doc.get("only") or sorted(ALL_FIGURES)
+    if set(only) >= ALL_FIGURES:
+        run = f"Run: {doc['date']}, `make bench` wall time {doc['wall_s'] / 60:.1f} min"
+    else:
+        run = f"Run: {doc['date']}, figures {','.join(map(str, only))} only ({doc['wall_s'] / 60:.1f} min)"
+        full = doc.get("last_full_run") or {}
+        if full.get("date") and full.get("wall_s") is not None:
+            run += f"; last full `make bench`: {full['date']}, {full['wall_s'] / 60:.1f} min"
     return "\n".join(
         [
             BEGIN,
-            f"Run: {doc['date']}, `make bench` wall time {doc['wall_s'] / 60:.1f} min, "
-            f"{doc['repeats']} ABAB repeats, 1 torch thread.",
+            f"{run}, {doc['repeats']} ABAB repeats, 1 torch thread.",
             f"Machine: {m['cpu_model']}, {m['cores']} cores, flags {', '.join(m['cpu_flags'])}; "
             f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
             f"Python {m['python']}.",
@@ -165,7 +208,11 @@ def update_markdown(path: Path, doc: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated figure numbers")
+    parser.add_argument(
+        "--only",
+        default="1,2,3,4,5,6,7,8,9",
+        help="comma-separated figure numbers; the others are kept from the previous results.json",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -174,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.chdir(REPO_ROOT)
     doc = run_all(args.repeats, {int(x) for x in args.only.split(",") if x})
+    previous_path = args.out / "results.json"
+    if previous_path.exists():
+        doc = merge_previous(doc, json.loads(previous_path.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     sys.stdout.write(table(doc) + "\n")

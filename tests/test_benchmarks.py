@@ -91,3 +91,47 @@ def test_markdown_generated_section_is_replaced_not_duplicated(tmp_path: Path) -
     text = path.read_text()
     assert text.count(bench_run.BEGIN) == 1 and "hand-written method" in text
     assert "| 1 | f | 2.5 | >= 5x | **no** | 0.1 | plain |" in text
+
+
+def _doc(date: str, figures: list[dict], cpu: str = "cpu", only: list[int] | None = None) -> dict:
+    return {
+        "date": date, "wall_s": 120.0, "repeats": 3, "load_average_start": [1], "load_average_end": [2],
+        "only": only or list(range(1, 10)),
+        "machine": {"cpu_model": cpu, "cores": 2, "cpu_flags": ["avx2"], "torch": "t",
+                    "transformers": "x", "trl": "y", "python": "3"},
+        "bounds": {"peak_fp32_flops": 1e9, "peak_bf16_flops": 2e9, "read_bandwidth_bytes_s": 1e9},
+        "figures": figures,
+    }  # fmt: skip
+
+
+def _fig(number: int, value: float | None, run: str | None = None) -> dict:
+    f = common.Figure(
+        number, f"fig{number}", value, "t", None if value is None else True, None, "-"
+    ).to_dict()
+    return f if run is None else {**f, "run": run}
+
+
+def test_partial_run_keeps_other_figures_marked_with_their_run(tmp_path: Path) -> None:
+    previous = _doc("old", [_fig(1, 4.0), _fig(7, 1.5), _fig(9, 20.0)])
+    previous["last_full_run"] = {"date": "old", "wall_s": 600.0}
+    partial = _doc("new", [_fig(7, 2.5, "new")], only=[7])
+    merged = bench_run.merge_previous(partial, previous)
+    by_number = {f["number"]: f for f in merged["figures"]}
+    assert sorted(by_number) == [1, 7, 9]
+    assert by_number[7]["value"] == 2.5 and by_number[7]["run"] == "new"
+    assert by_number[1]["value"] == 4.0 and by_number[1]["run"] == "old"
+    path = tmp_path / "B.md"
+    bench_run.update_markdown(path, merged)
+    text = path.read_text()
+    assert "| 1 | fig1 (earlier run: old) | 4 |" in text and "| 7 | fig7 | 2.5 |" in text
+    assert "figures 7 only" in text and "last full `make bench`: old, 10.0 min" in text
+
+
+def test_unmeasured_figure_takes_previous_value_and_other_machine_is_named() -> None:
+    previous = _doc("old", [_fig(9, 20.0)], cpu="AMD EPYC")
+    full = _doc("new", [_fig(1, 5.0, "new"), _fig(9, None, "new")], cpu="Xeon")
+    merged = bench_run.merge_previous(full, previous)
+    fig9 = next(f for f in merged["figures"] if f["number"] == 9)
+    assert fig9["value"] == 20.0 and fig9["run"] == "old on AMD EPYC"
+    assert [f["number"] for f in merged["figures"]] == [1, 9]
+    assert bench_run.merge_previous(full, None) is full

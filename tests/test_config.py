@@ -82,5 +82,12 @@ def test_paper_recipe_passes_only_real_trl_options(repo_root):
     for section, trl_cls in ((cfg.midtrain.trl, SFTConfig), (cfg.rl.trl, GRPOConfig)):
         fields = {f.name for f in dataclasses.fields(trl_cls)}
         assert set(section) <= fields, sorted(set(section) - fields)
-    assert set(cfg.data.eval) >= {"math500", "aime2024", "aime2025", "amc23", "hmmt", "olympiadbench",
-                                  "humaneval"}
+    assert set(cfg.data.eval) >= {
+        "math500",
+        "aime2024",
+        "aime2025",
+        "amc23",
+        "hmmt",
+        "olympiadbench",
+        "humaneval",
+    }
