@@ -6,13 +6,14 @@ tokens instead of one repeated token; otherwise equality with ``generate`` would
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from manyways.backends import GenerationBackend, GenRequest
-from manyways.backends.hf import HFBackend
+from manyways.backends.hf import HFBackend, cache_keyword
 
 PREFIX_A = "You solve problems by working backward. Example: 10 apples, ate 3, left 7.\n"
 PREFIX_B = "You solve problems by splitting them into parts. Example: 2 boxes of 4 is 8.\n"
@@ -55,6 +56,27 @@ def _greedy_reference(backend: HFBackend, messages: list[dict[str, str]], max_ne
 
 def test_is_a_generation_backend(backend: HFBackend) -> None:
     assert isinstance(backend, GenerationBackend)
+
+
+def test_cache_keyword_follows_the_model_signature() -> None:
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):  # transformers >= 5.24
+            return input_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(New()) == "cache"
+    assert cache_keyword(Old()) == "past_key_values"
+
+
+def test_generation_uses_no_deprecated_cache_keyword(backend: HFBackend) -> None:
+    request = GenRequest("r", _msgs(PREFIX_A, QUESTIONS[0]), seeds=(0, 1), max_new_tokens=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.generate([request])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
 @pytest.mark.parametrize("prefix_sharing", [True, False])

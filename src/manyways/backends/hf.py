@@ -66,6 +66,18 @@ class _Unit:
     tokens: list[int]
 
 
+def cache_keyword(model: Any) -> str:
+    """The forward keyword for the KV cache: ``cache`` since transformers 5.24 (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class HFBackend:
     """Generation with a transformers causal LM on CPU or GPU."""
 
@@ -93,6 +105,7 @@ class HFBackend:
         self._store_dtype: torch.dtype | None = None  # kv_dtype while decode_attention is on
         self.stats = BackendStats()
         self.eos_ids = self._eos_ids()
+        self._cache_kwarg = cache_keyword(model)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids))
 
@@ -194,7 +207,7 @@ class HFBackend:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{self._cache_kwarg: cache},
             use_cache=True,
             logits_to_keep=1,
         )
