@@ -68,6 +68,35 @@ def device_args(bf16: bool) -> dict[str, Any]:
     return {"bf16": bf16, "fp16": False, "use_cpu": not on_gpu}
 
 
+# TrainingArguments renamed in transformers 5.24 (the old names still work there, with a warning)
+RENAMED_ARGS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def trainer_kwargs(args_cls: Any, defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """Our defaults overridden by the user's pass-through section, each renamed argument spelled
+    the way the installed ``args_cls`` (a TrainingArguments dataclass) expects it, so a config
+    written for either transformers version works with both and raises no deprecation warning."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+
+    def spell(section: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in section.items():
+            for old, new in RENAMED_ARGS.items():
+                if key == old and new in fields:
+                    key = new
+                elif key == new and new not in fields:
+                    key = old
+            out[key] = value
+        return out
+
+    return {**spell(defaults), **spell(user)}
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
 _KEEP_TRIM_BYTES = 2**31 - 1  # mallopt takes an int
 _GLIBC_MMAP_MAX, _GLIBC_STEADY_MMAP_THRESHOLD = 65536, 32 * 2**20

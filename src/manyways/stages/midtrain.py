@@ -48,6 +48,7 @@ from manyways.training import (
     remove_stale_model_dirs,
     resume_checkpoint,
     save_trained_model,
+    trainer_kwargs,
     use_bf16,
 )
 
@@ -135,7 +136,8 @@ def check_examples(
 
 
 def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
-    """``trl.SFTConfig``: our defaults, then ``cfg.midtrain.trl`` untouched on top."""
+    """``trl.SFTConfig``: our defaults, then ``cfg.midtrain.trl`` on top (renamed arguments spelled for
+    the installed transformers: :func:`manyways.training.trainer_kwargs`)."""
     from trl import SFTConfig
 
     m = cfg.midtrain
@@ -154,12 +156,12 @@ def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
         "report_to": "none",
         "seed": cfg.run.seed,
         "data_seed": cfg.run.seed,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": not show_progress,
         **device_args(use_bf16(cfg.model.dtype)),
     }
-    return SFTConfig(**{**defaults, **m.trl})
+    return SFTConfig(**trainer_kwargs(SFTConfig, defaults, dict(m.trl)))
 
 
 def build_trainer(

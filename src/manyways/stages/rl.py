@@ -45,6 +45,7 @@ from manyways.training import (
     remove_stale_model_dirs,
     resume_checkpoint,
     save_trained_model,
+    trainer_kwargs,
     use_bf16,
 )
 
@@ -106,7 +107,8 @@ def prompt_dataset(problems: list[Problem]) -> Any:
 
 
 def grpo_args(cfg: Config, out_dir: Path, weights: list[float], show_progress: bool = False) -> Any:
-    """``trl.GRPOConfig``: our defaults from ``cfg.rl``, then ``cfg.rl.trl`` untouched on top."""
+    """``trl.GRPOConfig``: our defaults from ``cfg.rl``, then ``cfg.rl.trl`` on top (renamed arguments spelled for the
+    installed transformers: :func:`manyways.training.trainer_kwargs`)."""
     from trl import GRPOConfig
 
     r = cfg.rl
@@ -139,12 +141,12 @@ def grpo_args(cfg: Config, out_dir: Path, weights: list[float], show_progress: b
         "reward_weights": weights,
         "use_vllm": r.use_vllm,
         "vllm_mode": r.vllm_mode,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "disable_tqdm": not show_progress,
         "log_completions": False,
         **device_args(use_bf16(cfg.model.dtype)),
     }
-    return GRPOConfig(**{**defaults, **r.trl})
+    return GRPOConfig(**trainer_kwargs(GRPOConfig, defaults, dict(r.trl)))
 
 
 def build_trainer(
