@@ -13,6 +13,7 @@ import bench_adaptive  # noqa: E402
 import bench_verify  # noqa: E402
 import bounds  # noqa: E402
 import common  # noqa: E402
+import profile_figure  # noqa: E402
 import run as bench_run  # noqa: E402
 
 SHAPE = bounds.ModelShape(params=100, layers=2, d_att=8, kv_width=4, bytes_per_param=2)
@@ -135,3 +136,20 @@ def test_unmeasured_figure_takes_previous_value_and_other_machine_is_named() -> 
     assert fig9["value"] == 20.0 and fig9["run"] == "old on AMD EPYC"
     assert [f["number"] for f in merged["figures"]] == [1, 9]
     assert bench_run.merge_previous(full, None) is full
+
+
+def test_profile_summary_ranks_ops_by_self_cpu_time() -> None:
+    import torch
+
+    a = torch.randn(256, 256)
+
+    def work() -> None:
+        for _ in range(20):
+            a @ a
+        a + 1
+
+    text = profile_figure.summarize(profile_figure.profiled(work), top=3)
+    lines = text.splitlines()
+    assert lines[0].startswith("self CPU total:") and len(lines) <= 2 + 3
+    assert "aten::mm" in lines[2]  # the matmuls dominate
+    assert int(lines[2].split()[2]) == 20  # calls
