@@ -223,6 +223,16 @@ def test_arms_as_rows_for_the_experiment_runner(tmp_path: Path) -> None:
     assert "vanilla_rl" in text and "0.900 [0.800,1.000]" in text
 
 
+def test_summary_columns_line_up_with_long_row_names() -> None:
+    point = {"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}
+    stats = {"pass_at_k": {"1": point, "4": point}, "problems": 12, "excluded": 0, "n": 4}
+    names = ["base", "incorrect_rl (mid)", "a_much_longer_arm_name (mid)"]
+    data = ReportData(title="t", row_kind="arm", results={n: {"math": stats} for n in names})
+    rows = [line for line in summary_text(data).splitlines() if line.endswith(" 0")]
+    assert len(rows) == 3
+    assert len({line.index("0.500") for line in rows}) == 1  # pass@1 starts in one column for all
+
+
 def test_report_needs_evaluate(tmp_path: Path) -> None:
     cfg = load_config(None, [f"run.root={tmp_path}"])
     with pytest.raises(ValueError, match="evaluate"):

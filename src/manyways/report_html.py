@@ -280,16 +280,17 @@ def _json_for_script(data: ReportData) -> str:
 def summary_text(data: ReportData) -> str:
     """A plain-text table for the terminal: pass@1 and pass@k_max [CI] per row and benchmark."""
     lines = [f"{data.title}  ({round(data.ci_level * 100)}% bootstrap CIs over problems)"]
+    w = max([16, len(data.row_kind)] + [len(row) for row, _ in data.row_items()])
     for b in data.benchmarks:
         km = k_max(data, b)
         lines.append(f"\n{b}:")
-        lines.append(f"  {data.row_kind:<16} {'pass@1':>22} {f'pass@{km}':>22} {'problems':>9} {'excl':>5}")
+        lines.append(f"  {data.row_kind:<{w}} {'pass@1':>22} {f'pass@{km}':>22} {'problems':>9} {'excl':>5}")
         for row, by_bench in data.row_items():
             s = by_bench.get(b)
             if s is None:
                 continue
             lines.append(
-                f"  {row:<16} {_point_text(s, 1):>22} {_point_text(s, km):>22} "
+                f"  {row:<{w}} {_point_text(s, 1):>22} {_point_text(s, km):>22} "
                 f"{s.get('problems', 0):>9} {s.get('excluded', 0):>5}"
             )
     return "\n".join(lines)
