@@ -10,7 +10,13 @@ from pydantic import ValidationError
 
 from manyways.backends import BackendConfig, make_backend
 from manyways.backends import config as config_module
-from manyways.backends.sampling import plan_batches, select_tokens, shared_prefix_len, top_p_filter
+from manyways.backends.sampling import (
+    plan_batches,
+    prefix_groups,
+    select_tokens,
+    shared_prefix_len,
+    top_p_filter,
+)
 
 
 def test_unknown_key_is_an_error_naming_it() -> None:
@@ -47,15 +53,19 @@ def test_shared_prefix_leaves_one_token_per_prompt() -> None:
     assert shared_prefix_len([[7, 1], [8, 1]]) == 0
 
 
-def test_plan_batches_respects_row_budget_and_groups_prefixes() -> None:
+def test_plan_batches_fills_the_row_budget_and_prefix_groups_split_heuristics() -> None:
     heur_a = [[1, 1, 1, 1, 1, 1, 1, 1, q] for q in range(10, 14)]
     heur_b = [[1, 2, 2, 2, 2, 2, 2, 2, q] for q in range(10, 14)]
     tokens = [t for pair in zip(heur_b, heur_a, strict=True) for t in pair]  # interleaved
     batches = plan_batches(tokens, [4] * len(tokens), batch_size=16)
     assert sorted(i for b in batches for i in b) == list(range(8))
-    assert all(sum(4 for _ in b) <= 16 for b in batches)
-    for batch in batches:  # never mixes the two few-shot prefixes
-        assert len({tokens[i][1] for i in batch}) == 1
+    assert [len(b) for b in batches] == [4, 4]  # 16 rows each: full batches
+    [whole] = plan_batches(tokens, [4] * len(tokens), batch_size=64)  # both heuristics together
+    groups = prefix_groups([tokens[i] for i in whole])
+    assert [len(g) for g in groups] == [4, 4]  # one prefill group per few-shot prefix
+    for g in groups:
+        assert len({tokens[whole[i]][1] for i in g}) == 1
+    assert prefix_groups([]) == [] and prefix_groups([[5]]) == [range(0, 1)]
     big = plan_batches([[1, 2]], [40], batch_size=16)
     assert big == [[0]]
 

@@ -14,6 +14,7 @@ import torch
 
 from manyways.backends import GenerationBackend, GenRequest
 from manyways.backends.hf import HFBackend, cache_keyword
+from manyways.backends.sampling import plan_batches, prefix_groups
 
 PREFIX_A = "You solve problems by working backward. Example: 10 apples, ate 3, left 7.\n"
 PREFIX_B = "You solve problems by splitting them into parts. Example: 2 boxes of 4 is 8.\n"
@@ -142,6 +143,29 @@ def test_sample_does_not_depend_on_batch_mates(backend: HFBackend) -> None:
     ]
     crowded = backend.generate([others[0], target, *others[1:]])[1]
     assert [s.text for s in alone] == [s.text for s in crowded]
+
+
+def test_prompts_of_two_heuristics_decode_in_one_merged_batch(backend: HFBackend) -> None:
+    long_a, long_b = PREFIX_A * 4, PREFIX_B * 4  # long few-shot prefixes that differ early
+    messages = [_msgs(long_a, q) for q in QUESTIONS[:2]] + [_msgs(long_b, q) for q in QUESTIONS[1:]]
+    tokens = [backend.encode(m) for m in messages]
+    [batch] = plan_batches(tokens, [2] * len(tokens), backend.batch_size)
+    assert len(prefix_groups([tokens[i] for i in batch])) == 2  # the merge path runs
+    greedy = backend.generate(
+        [
+            GenRequest(f"g{i}", m, seeds=(0,), max_new_tokens=16, temperature=0.0)
+            for i, m in enumerate(messages)
+        ]
+    )
+    assert [r[0].text for r in greedy] == [_greedy_reference(backend, m, 16) for m in messages]
+    sampled = [GenRequest(f"s{i}", m, seeds=(5, 6), max_new_tokens=12) for i, m in enumerate(messages)]
+    together = backend.generate(sampled)
+    alone = [backend.generate([r])[0] for r in sampled]
+    assert [[s.text for s in r] for r in together] == [[s.text for s in r] for r in alone]
+    before = backend.stats.prefill_tokens_computed
+    backend.generate(sampled)
+    shared_prefill = backend.stats.prefill_tokens_computed - before
+    assert shared_prefill < 0.6 * sum(len(t) for t in tokens)  # each prefix once, not per prompt
 
 
 def test_prefix_sharing_cuts_prefill(backend: HFBackend) -> None:

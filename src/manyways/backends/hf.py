@@ -1,9 +1,11 @@
 """The transformers back-end: a custom decode loop that prefills shared prompt prefixes once.
 
-For each batch (planned by :func:`manyways.backends.sampling.plan_batches`): the token prefix all
-its prompts share is prefilled once, each prompt's remainder once on top of it (left-padded after
-the prefix, with explicit position ids), then the KV cache is expanded to one row per sample and
-all rows decode together; finished rows leave the batch. Every sample draws from its own
+For each batch (planned by :func:`manyways.backends.sampling.plan_batches`, filled up to its row
+budget): for each group of its prompts that share a prefix (a heuristic's few-shot exemplars;
+:func:`~manyways.backends.sampling.prefix_groups`) the prefix is prefilled once and each prompt's
+remainder once on top of it (left-padded after the prefix, with explicit position ids); the
+groups' caches are merged, left-padded to one length; then the KV cache is expanded to one row per
+sample and all rows decode together; finished rows leave the batch. Every sample draws from its own
 ``torch.Generator`` seeded with its seed, so it does not depend on its batch-mates except through
 floating-point effects of padding and batch shape (bit-identical in our fp32 CPU tests; in bf16 or
 on GPU a near-tie can occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
@@ -29,7 +31,12 @@ from typing import Any
 import torch
 
 from manyways.backends.config import BackendConfig, resolve_dtype
-from manyways.backends.kv_cache import make_cache, register_decode_attention
+from manyways.backends.kv_cache import (
+    all_growing,
+    make_cache,
+    merge_left_padded,
+    register_decode_attention,
+)
 from manyways.backends.protocol import (
     BackendStats,
     GenRequest,
@@ -39,7 +46,7 @@ from manyways.backends.protocol import (
     renormalise,
     truncate_at_stop,
 )
-from manyways.backends.sampling import plan_batches, select_tokens, shared_prefix_len
+from manyways.backends.sampling import plan_batches, prefix_groups, select_tokens, shared_prefix_len
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +188,21 @@ class HFBackend:
     def _generate_batch(self, units: list[_Unit], progress: ProgressCallback | None) -> list[list[GenSample]]:
         token_lists = [u.tokens for u in units]
         max_len = max(len(t) for t in token_lists) + max(u.request.max_new_tokens for u in units)
-        cache, logits, mask, positions = self._prefill(token_lists, max_len)
+        groups = prefix_groups(token_lists) if self.prefix_sharing else [range(len(units))]
+        if len(groups) > 1 and not all_growing(self.model.config):
+            # a layer kind whose cache cannot be merged: decode each prefix group on its own
+            return [out for g in groups for out in self._generate_batch([units[i] for i in g], progress)]
+        if len(groups) > 1:
+            parts = [self._prefill([token_lists[i] for i in g], max_len) for g in groups]
+            width = max(part[2].shape[1] for part in parts)
+            cache = merge_left_padded([part[0] for part in parts], self.model.config)
+            logits = torch.cat([part[1] for part in parts])
+            mask = torch.cat(
+                [torch.nn.functional.pad(part[2], (width - part[2].shape[1], 0)) for part in parts]
+            )
+            positions = torch.cat([part[3] for part in parts])
+        else:
+            cache, logits, mask, positions = self._prefill(token_lists, max_len)
         rows: list[_Row] = []
         unit_of_row: list[int] = []
         for k, unit in enumerate(units):

@@ -136,6 +136,43 @@ def make_cache(
     return cache
 
 
+def all_growing(config: Any) -> bool:
+    """Whether every layer of :func:`make_cache`'s cache for ``config`` is a :class:`GrowingLayer`
+    (what :func:`merge_left_padded` needs)."""
+    return all(type(layer) is GrowingLayer for layer in make_cache(config).layers)
+
+
+def merge_left_padded(parts: list[DynamicCache], config: Any) -> DynamicCache:
+    """One cache holding the rows of ``parts`` (in order), each part's filled positions
+    right-aligned to the longest part's length and zeros before them, so the rows decode together
+    under left-padding masks. Every layer must be a :class:`GrowingLayer` (:func:`all_growing`)."""
+    if not all(type(layer) is GrowingLayer for cache in parts for layer in cache.layers):
+        raise TypeError("merge_left_padded needs GrowingLayer caches (see all_growing)")
+    first = parts[0].layers
+    merged = make_cache(config, store_dtype=first[0].store_dtype, max_len=first[0].max_len)
+    for index, layer in enumerate(merged.layers):
+        assert isinstance(layer, GrowingLayer)
+        pieces = [cache.layers[index] for cache in parts]
+        length = max(piece.length for piece in pieces)
+        capacity = max(length, max(piece._capacity() for piece in pieces))
+        template = pieces[0]
+        assert template._kt is not None and template._v is not None
+        rows = sum(piece.keys.shape[0] for piece in pieces)
+        heads, k_dim = template._kt.shape[1], template._kt.shape[2]
+        kt = template._kt.new_zeros((rows, heads, k_dim, capacity))
+        v = template._v.new_zeros((rows, heads, capacity, template._v.shape[-1]))
+        row = 0
+        for piece in pieces:
+            n, pad = piece.keys.shape[0], length - piece.length
+            kt[row : row + n, ..., pad:length].copy_(piece.keys.transpose(-1, -2))
+            v[row : row + n, :, pad:length].copy_(piece.values)
+            row += n
+        layer.dtype, layer.device, layer.is_initialized = template.dtype, template.device, True
+        layer.length = length
+        layer._replace(kt, v)
+    return merged
+
+
 def decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -1,8 +1,10 @@
 """Pure helpers of the transformers back-end: batch planning and next-token selection.
 
 Batches are planned over token sequences sorted lexicographically, so prompts that share a
-few-shot prefix are neighbours; a batch is cut when it would exceed its row budget or when adding a
-prompt would halve the prefix the batch shares. Sampling draws each row with its own
+few-shot prefix are neighbours; a batch is cut only when it would exceed its row budget (decode on
+CPU reads every weight once per step whatever the batch, so fuller batches are faster). Inside a
+batch, :func:`prefix_groups` splits the prompts into runs that share a prefix worth prefilling
+once: a run is cut where adding a prompt would halve the prefix it shares. Sampling draws each row with its own
 ``torch.Generator`` so a sample depends only on its seed and its own logits.
 """
 
@@ -40,27 +42,38 @@ def plan_batches(
     token_lists: Sequence[Sequence[int]], rows: Sequence[int], batch_size: int
 ) -> list[list[int]]:
     """Group unit indices into batches of at most ``batch_size`` rows (a unit larger than that is a
-    batch of its own), keeping prompts with a shared prefix together."""
+    batch of its own), in lexicographic order of their tokens so shared prefixes are neighbours."""
     order = sorted(range(len(token_lists)), key=lambda i: tuple(token_lists[i]))
     batches: list[list[int]] = []
     current: list[int] = []
     current_rows = 0
-    current_lcp: int | None = None
     for i in order:
-        if current:
-            lcp = common_prefix_len(token_lists[current[0]], token_lists[i])
-            new_lcp = lcp if current_lcp is None else min(lcp, current_lcp)
-            halves = current_lcp is not None and new_lcp < current_lcp // 2
-            if current_rows + rows[i] > batch_size or halves:
-                batches.append(current)
-                current, current_rows, current_lcp = [], 0, None
-            else:
-                current_lcp = new_lcp
+        if current and current_rows + rows[i] > batch_size:
+            batches.append(current)
+            current, current_rows = [], 0
         current.append(i)
         current_rows += rows[i]
     if current:
         batches.append(current)
     return batches
+
+
+def prefix_groups(token_lists: Sequence[Sequence[int]]) -> list[range]:
+    """Consecutive runs of ``token_lists`` (sorted, as a planned batch is) that share a prefix: a
+    run is cut where adding the next sequence would halve the prefix the run shares."""
+    groups: list[range] = []
+    start, lcp = 0, None
+    for i in range(1, len(token_lists)):
+        common = common_prefix_len(token_lists[start], token_lists[i])
+        shared = common if lcp is None else min(lcp, common)
+        if lcp is not None and shared < lcp // 2:
+            groups.append(range(start, i))
+            start, lcp = i, None
+        else:
+            lcp = shared
+    if token_lists:
+        groups.append(range(start, len(token_lists)))
+    return groups
 
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
