@@ -140,6 +140,34 @@ def keep_cpu_allocations(enabled: bool = True) -> bool:
     return done
 
 
+def cache_casts_during_generation(model: Any, bf16: bool) -> bool:
+    """Run ``model.generate`` inside one bf16 autocast region (CPU with bf16 autocast only).
+
+    accelerate wraps a prepared model's ``forward`` in an autocast region of its own, and autocast
+    forgets its weight casts when the outermost region exits, so TRL's GRPO generation on CPU
+    recast every fp32 weight to bf16 at every decode step (``copy_`` was 53% of a GRPO step's CPU
+    time: ``benchmarks/profile_figure.py 8``). Inside one outer region each weight is cast once
+    per ``generate`` call; the casts are dropped when it returns, before the optimizer changes the
+    weights. Returns whether it wrapped ``generate``.
+    """
+    import functools
+
+    import torch
+
+    if not bf16 or torch.cuda.is_available() or getattr(model.generate, "_manyways_cached", False):
+        return False
+    inner = model.generate
+
+    @functools.wraps(inner)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return inner(*args, **kwargs)
+
+    generate._manyways_cached = True  # type: ignore[attr-defined]
+    model.generate = generate
+    return True
+
+
 def checkpoint_step(path: Path) -> int:
     try:
         return int(path.name[len(CHECKPOINT_PREFIX) :])

@@ -37,6 +37,7 @@ from manyways.training import (
     CheckpointMarkerCallback,
     MetricsCallback,
     TrainingDataError,
+    cache_casts_during_generation,
     device_args,
     drop_checkpoints,
     keep_cpu_allocations,
@@ -180,6 +181,7 @@ def build_trainer(
         peft_config=lora_config(cfg.rl.lora),
         callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics],
     )
+    cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
     return quiet_trainer(trainer), correctness
 
 
