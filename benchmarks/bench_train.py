@@ -57,8 +57,8 @@ def sft_examples(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def ours_sft(examples: list[dict[str, Any]], steps: int, batch: int, work: Path) -> list[float]:
-    """Step times of the midtrain stage's trainer (its own config: bf16 autocast if available)."""
+def ours_sft_trainer(examples: list[dict[str, Any]], steps: int, batch: int, work: Path) -> Any:
+    """The midtrain stage's trainer (its own config: bf16 autocast if available) for the figure."""
     from manyways.stages.midtrain import build_trainer
 
     cfg = load_config(
@@ -72,7 +72,12 @@ def ours_sft(examples: list[dict[str, Any]], steps: int, batch: int, work: Path)
             "midtrain.log_samples=false",
         ],
     )
-    trainer = build_trainer(cfg, work / "midtrain", examples, load_tokenizer(DEFAULT_MODEL))
+    return build_trainer(cfg, work / "midtrain", examples, load_tokenizer(DEFAULT_MODEL))
+
+
+def ours_sft(examples: list[dict[str, Any]], steps: int, batch: int, work: Path) -> list[float]:
+    """Step times of the midtrain stage's trainer."""
+    trainer = ours_sft_trainer(examples, steps, batch, work)
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
@@ -167,23 +172,29 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
     )
 
 
-def figure_8(sizes: dict[str, int]) -> Figure:
-    """GRPO: time outside generation / generation time per step (first step excluded)."""
+def rl_trainer(steps: int, completion_tokens: int, work: Path) -> Any:
+    """The rl stage's trainer on the demo config, from the base model, for the figure."""
     from manyways.stages.rl import build_trainer, load_rl_problems
 
+    cfg = load_config(
+        CONFIG,
+        [
+            f"run.root={work}",
+            f"rl.max_steps={steps}",
+            "rl.save_steps=100000",
+            'rl.trl.save_strategy="no"',
+            f"rl.max_completion_length={completion_tokens}",
+        ],
+    )
+    problems, _ = load_rl_problems(cfg)
+    trainer, _ = build_trainer(cfg, work / "rl", resolve_model_path(DEFAULT_MODEL), problems)
+    return trainer
+
+
+def figure_8(sizes: dict[str, int]) -> Figure:
+    """GRPO: time outside generation / generation time per step (first step excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            CONFIG,
-            [
-                f"run.root={tmp}",
-                f"rl.max_steps={sizes['fig8_steps']}",
-                "rl.save_steps=100000",
-                'rl.trl.save_strategy="no"',
-                f"rl.max_completion_length={sizes['fig8_completion']}",
-            ],
-        )
-        problems, _ = load_rl_problems(cfg)
-        trainer, _ = build_trainer(cfg, Path(tmp) / "rl", resolve_model_path(DEFAULT_MODEL), problems)
+        trainer = rl_trainer(sizes["fig8_steps"], sizes["fig8_completion"], Path(tmp))
         clock, gen_times = StepClock(), []
         inner = trainer._generate_single_turn
 
@@ -212,6 +223,6 @@ def figure_8(sizes: dict[str, int]) -> Figure:
             "generation_s": gen_times,
             "config": CONFIG,
             "completion_tokens": sizes["fig8_completion"],
-            "group": cfg.rl.num_generations,
+            "group": trainer.args.num_generations,
         },
     )

@@ -76,79 +76,32 @@ def generation_workload(figure: int) -> Callable[[], Any]:
     return run
 
 
-class StepProfiler:
-    """A trainer callback that profiles steps ``first``..``last`` (1-based)."""
-
-    def __init__(self, first: int, last: int) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        self.first, self.last = first, last
-        self.prof = profile(activities=[ProfilerActivity.CPU])
-        self.step = 0
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class _Callback(TrainerCallback):
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                outer.step += 1
-                if outer.step == outer.first:
-                    outer.prof.__enter__()
-
-            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if outer.step == outer.last:
-                    outer.prof.__exit__(None, None, None)
-
-        return _Callback()
-
-
 def training_profile(figure: int, work: Path) -> Any:
-    from bench_train import CONFIG, sft_examples
-
-    from manyways.config import load_config
-    from manyways.models import DEFAULT_MODEL, load_tokenizer
+    """Profile steps 2-4 of figure 7's SFT trainer or steps 2-3 of figure 8's GRPO trainer (the
+    benchmark's own builders; step 1 is warm-up)."""
+    from bench_train import ours_sft_trainer, rl_trainer, sft_examples
+    from run import SIZES
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
 
     if figure == 7:
-        from manyways.stages.midtrain import build_trainer
-
-        cfg = load_config(
-            CONFIG,
-            [
-                f"run.root={work}",
-                "midtrain.max_steps=4",
-                "midtrain.batch_size=2",
-                "midtrain.save_steps=100000",
-                'midtrain.trl.save_strategy="no"',
-                "midtrain.log_samples=false",
-            ],
-        )
-        trainer = build_trainer(cfg, work / "midtrain", sft_examples(8), load_tokenizer(DEFAULT_MODEL))
-        steps = StepProfiler(2, 4)
+        trainer, first, last = ours_sft_trainer(sft_examples(8), 4, SIZES["fig7_batch"], work), 2, 4
     else:
-        from run import SIZES
+        trainer, first, last = rl_trainer(3, SIZES["fig8_completion"], work), 2, 3
+    prof = profile(activities=[ProfilerActivity.CPU])
 
-        from manyways.models import resolve_model_path
-        from manyways.stages.rl import build_trainer as build_rl
-        from manyways.stages.rl import load_rl_problems
+    class StepWindow(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step + 1 == first:
+                prof.__enter__()
 
-        cfg = load_config(
-            CONFIG,
-            [
-                f"run.root={work}",
-                "rl.max_steps=3",
-                "rl.save_steps=100000",
-                'rl.trl.save_strategy="no"',
-                f"rl.max_completion_length={SIZES['fig8_completion']}",
-            ],
-        )
-        problems, _ = load_rl_problems(cfg)
-        trainer, _ = build_rl(cfg, work / "rl", resolve_model_path(DEFAULT_MODEL), problems)
-        steps = StepProfiler(2, 3)
-    trainer.add_callback(steps.callback())
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == last:
+                prof.__exit__(None, None, None)
+
+    trainer.add_callback(StepWindow())
     trainer.train()
-    return steps.prof
+    return prof
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--only",
-        default="1,2,3,4,5,6,7,8,9",
+        default=",".join(map(str, sorted(ALL_FIGURES))),
         help="comma-separated figure numbers; the others are kept from the previous results.json",
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")

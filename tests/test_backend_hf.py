@@ -158,6 +158,15 @@ def test_prompts_of_two_heuristics_decode_in_one_merged_batch(backend: HFBackend
         ]
     )
     assert [r[0].text for r in greedy] == [_greedy_reference(backend, m, 16) for m in messages]
+    backend._mergeable = False  # a model whose cache layers cannot merge: groups decode apart
+    apart = backend.generate(
+        [
+            GenRequest(f"g{i}", m, seeds=(0,), max_new_tokens=16, temperature=0.0)
+            for i, m in enumerate(messages)
+        ]
+    )
+    backend._mergeable = True
+    assert [r[0].text for r in apart] == [r[0].text for r in greedy]
     sampled = [GenRequest(f"s{i}", m, seeds=(5, 6), max_new_tokens=12) for i, m in enumerate(messages)]
     together = backend.generate(sampled)
     alone = [backend.generate([r])[0] for r in sampled]

@@ -113,6 +113,7 @@ class HFBackend:
         self.stats = BackendStats()
         self.eos_ids = self._eos_ids()
         self._cache_kwarg = cache_keyword(model)
+        self._mergeable = all_growing(model.config)  # prefix groups' caches can share one batch
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids))
 
@@ -189,18 +190,17 @@ class HFBackend:
         token_lists = [u.tokens for u in units]
         max_len = max(len(t) for t in token_lists) + max(u.request.max_new_tokens for u in units)
         groups = prefix_groups(token_lists) if self.prefix_sharing else [range(len(units))]
-        if len(groups) > 1 and not all_growing(self.model.config):
+        if len(groups) > 1 and not self._mergeable:
             # a layer kind whose cache cannot be merged: decode each prefix group on its own
             return [out for g in groups for out in self._generate_batch([units[i] for i in g], progress)]
         if len(groups) > 1:
-            parts = [self._prefill([token_lists[i] for i in g], max_len) for g in groups]
-            width = max(part[2].shape[1] for part in parts)
-            cache = merge_left_padded([part[0] for part in parts], self.model.config)
-            logits = torch.cat([part[1] for part in parts])
-            mask = torch.cat(
-                [torch.nn.functional.pad(part[2], (width - part[2].shape[1], 0)) for part in parts]
+            caches, group_logits, masks, group_positions = zip(
+                *(self._prefill([token_lists[i] for i in g], max_len) for g in groups), strict=True
             )
-            positions = torch.cat([part[3] for part in parts])
+            width = max(m.shape[1] for m in masks)
+            cache = merge_left_padded(list(caches), self.model.config)
+            logits, positions = torch.cat(group_logits), torch.cat(group_positions)
+            mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
         else:
             cache, logits, mask, positions = self._prefill(token_lists, max_len)
         rows: list[_Row] = []

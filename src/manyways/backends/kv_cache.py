@@ -167,7 +167,7 @@ def merge_left_padded(parts: list[DynamicCache], config: Any) -> DynamicCache:
             kt[row : row + n, ..., pad:length].copy_(piece.keys.transpose(-1, -2))
             v[row : row + n, :, pad:length].copy_(piece.values)
             row += n
-        layer.dtype, layer.device, layer.is_initialized = template.dtype, template.device, True
+        layer.lazy_initialization(template.keys, template.values)
         layer.length = length
         layer._replace(kt, v)
     return merged
