@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from manyways.arith import evaluate, parse_number
 from manyways.heuristics import (
     DEFAULT_CATALOGUE,
     PLAIN_SYSTEM,
@@ -31,6 +32,14 @@ from manyways.verify import verify_math
 CATALOGUE = load_catalogue()
 EXEMPLARS = [(h.id, j, e) for h in CATALOGUE.heuristics for j, e in enumerate(h.exemplars)]
 EXEMPLAR_IDS = [f"{hid}[{j}]" for hid, j, _ in EXEMPLARS]
+
+V2_PATH = "configs/heuristics/polya_v2.yaml"
+V2 = load_catalogue(V2_PATH)
+V2_NEW = V2.heuristics[16:]  # the 48 heuristics v2 adds after polya_v1's 16
+V2_NEW_EXEMPLARS = [(h.id, j, e) for h in V2_NEW for j, e in enumerate(h.exemplars)]
+V2_NEW_EXEMPLAR_IDS = [f"{hid}[{j}]" for hid, j, _ in V2_NEW_EXEMPLARS]
+SHIPPED = {"polya_v1": CATALOGUE, "polya_v2": V2}
+POLYA_V1_HASH = "3ad4a8f01219bc4b"  # polya_v1's content hash before v2 (and `check`) existed
 
 
 def _brute(pred, candidates) -> int:
@@ -143,7 +152,7 @@ def _wrong_equations(text: str) -> list[str]:
     return wrong
 
 
-@pytest.mark.parametrize("heuristic", CATALOGUE.heuristics, ids=CATALOGUE.ids)
+@pytest.mark.parametrize("heuristic", V2.heuristics, ids=V2.ids)  # v2 holds v1's 16 (tested below)
 def test_instruction_and_every_exemplar_share_the_heuristic_marker(heuristic: Heuristic):
     marker = heuristic.marker.lower()
     assert marker in heuristic.instruction.lower()
@@ -153,16 +162,80 @@ def test_instruction_and_every_exemplar_share_the_heuristic_marker(heuristic: He
         assert exemplar.solution.rstrip().endswith("\\boxed{" + exemplar.answer + "}")
 
 
-def test_markers_are_distinct_so_each_names_one_heuristic():
-    markers = [h.marker.lower() for h in CATALOGUE.heuristics]
+@pytest.mark.parametrize("catalogue", SHIPPED.values(), ids=SHIPPED.keys())
+def test_markers_are_distinct_so_each_names_one_heuristic(catalogue):
+    markers = [h.marker.lower() for h in catalogue.heuristics]
     for a, b in itertools.permutations(markers, 2):
         assert a not in b, (a, b)
 
 
 def test_exemplars_are_short():
-    for hid, j, exemplar in EXEMPLARS:
+    for hid, j, exemplar in EXEMPLARS + V2_NEW_EXEMPLARS:
         assert len(exemplar.solution.split()) <= 80, f"{hid}[{j}]"
         assert len(exemplar.question.split()) <= 40, f"{hid}[{j}]"
+
+
+# --------------------------------------------------------------------------------------------
+# polya_v2: 64 heuristics, the first 16 polya_v1's
+
+
+def test_v2_has_64_distinct_heuristics_and_its_own_version():
+    assert V2.version == "polya_v2" != CATALOGUE.version
+    assert len(V2.heuristics) == 64
+    assert len(set(V2.ids)) == 64
+    assert len({h.name.lower() for h in V2.heuristics}) == 64
+    assert V2.content_hash != CATALOGUE.content_hash
+
+
+def test_v2_first_16_are_polya_v1_unchanged():
+    assert V2.heuristics[:16] == CATALOGUE.heuristics
+    assert len(CATALOGUE.heuristics) == 16
+    for old, new in zip(CATALOGUE.heuristics, V2.heuristics[:16], strict=True):
+        assert render_heuristic_prefix(old) == render_heuristic_prefix(new)  # same prompts, same runs
+
+
+def test_polya_v1_identity_is_unchanged():
+    # adding the optional `check` field must not change v1's content hash (run manifests record it)
+    assert CATALOGUE.content_hash == POLYA_V1_HASH
+
+
+@pytest.mark.parametrize("catalogue", SHIPPED.values(), ids=SHIPPED.keys())
+def test_instructions_are_non_empty_and_distinct(catalogue):
+    instructions = [" ".join(h.instruction.lower().split()) for h in catalogue.heuristics]
+    assert all(len(i.split()) >= 8 for i in instructions)
+    assert len(set(instructions)) == len(instructions)
+
+
+@pytest.mark.parametrize("catalogue", SHIPPED.values(), ids=SHIPPED.keys())
+def test_exemplars_of_one_heuristic_differ(catalogue):
+    for heuristic in catalogue.heuristics:
+        questions = [e.question for e in heuristic.exemplars]
+        solutions = [e.solution for e in heuristic.exemplars]
+        assert len(set(questions)) == len(questions), heuristic.id
+        assert len(set(solutions)) == len(solutions), heuristic.id
+
+
+def test_no_exemplar_question_is_reused_across_the_catalogue():
+    questions = [e.question for h in V2.heuristics for e in h.exemplars]
+    assert len(set(questions)) == len(questions) == 128
+
+
+@pytest.mark.parametrize(("hid", "j", "exemplar"), V2_NEW_EXEMPLARS, ids=V2_NEW_EXEMPLAR_IDS)
+def test_v2_exemplar_gold_is_recomputed_and_verified(hid, j, exemplar):
+    # the gold is recomputed from the question by its `check` expression (exact arithmetic)...
+    assert exemplar.check, f"{hid}[{j}] has no check expression"
+    assert evaluate(exemplar.check) == parse_number(exemplar.answer)
+    # ...and the solution's boxed answer agrees with it under the verifier every stage uses
+    verdict = verify_math(exemplar.answer, exemplar.solution, fast_path=False)
+    assert verdict.status == "correct", f"{hid}[{j}]: boxed answer != {exemplar.answer} ({verdict})"
+
+
+def test_every_arithmetic_equation_in_the_v2_solutions_is_correct():
+    checked = 0
+    for hid, j, exemplar in V2_NEW_EXEMPLARS:
+        assert _wrong_equations(exemplar.solution) == [], f"{hid}[{j}]"
+        checked += len(EQUATION.findall(exemplar.solution))
+    assert checked >= 150
 
 
 def test_taxonomy_has_exactly_64_unique_entries():
@@ -372,9 +445,10 @@ def test_prefix_is_shared_by_all_questions_of_a_heuristic(heuristic: Heuristic):
     assert prompt_hash(a) != prompt_hash(b)
 
 
-def test_prefixes_differ_between_heuristics():
-    prefixes = {prompt_hash(render_heuristic_prefix(h)) for h in CATALOGUE.heuristics}
-    assert len(prefixes) == len(CATALOGUE.heuristics)
+@pytest.mark.parametrize("catalogue", SHIPPED.values(), ids=SHIPPED.keys())
+def test_prefixes_differ_between_heuristics(catalogue):
+    prefixes = {prompt_hash(render_heuristic_prefix(h)) for h in catalogue.heuristics}
+    assert len(prefixes) == len(catalogue.heuristics)
 
 
 def test_n_exemplars_controls_few_shot_turns():

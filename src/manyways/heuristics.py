@@ -10,6 +10,11 @@ midtrain stage (question -> trace, heuristic scaffolding removed).
 The loader validates strictly and every error names the file and the entry/field. Each
 exemplar's solution must end its reasoning with ``\\boxed{answer}`` and mention the heuristic's
 ``marker`` phrase, which the instruction mentions too, so the exemplars visibly follow it.
+An exemplar may carry ``check``: an arithmetic expression that recomputes the gold ``answer``
+from the question independently of the solution (see ``manyways.arith``); the loader evaluates
+it exactly and refuses the file if it differs from ``answer``. ``check`` is metadata: it is left
+out of the content hash and of exemplar equality, so adding checks never changes a catalogue's
+identity (``polya_v2``'s first 16 heuristics equal ``polya_v1``'s).
 
 For one heuristic every rendered prompt shares the same prefix (system message + few-shot
 turns); only the final user turn (the question) differs, so a back-end can prefill the prefix
@@ -34,6 +39,8 @@ from typing import Any
 
 import yaml
 
+from manyways.arith import ArithError, evaluate, parse_number
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CATALOGUE = "configs/heuristics/polya_v1.yaml"
@@ -50,6 +57,7 @@ PLAIN_SYSTEM = "Solve the math problem step by step. " + ANSWER_FORMAT
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEURISTIC_FIELDS = ("id", "name", "marker", "instruction", "exemplars")
 _EXEMPLAR_FIELDS = ("question", "solution", "answer")
+_EXEMPLAR_OPTIONAL = ("check",)
 _TAXONOMY_FIELDS = ("id", "name", "description")
 _TOP_FIELDS = ("version", "description", "heuristics")
 MIN_EXEMPLARS = 2
@@ -68,6 +76,7 @@ class Exemplar:
     question: str
     solution: str
     answer: str
+    check: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -92,9 +101,13 @@ class Catalogue:
 
     @property
     def content_hash(self) -> str:
-        """sha256 (16 hex chars) of the canonical JSON of the content; ``source`` excluded."""
+        """sha256 (16 hex chars) of the canonical JSON of the content; ``source`` and the
+        exemplars' ``check`` expressions (metadata, not prompted) excluded."""
         content = dataclasses.asdict(self)
         content.pop("source")
+        for heuristic in content["heuristics"]:
+            for exemplar in heuristic["exemplars"]:
+                exemplar.pop("check")
         return _canonical_hash(content)
 
     @property
@@ -252,11 +265,12 @@ def _parse_heuristic(raw: Any, where: str) -> Heuristic:
 
 
 def _parse_exemplar(raw: Any, where: str, marker: str) -> Exemplar:
-    mapping = _require_mapping(raw, where, _EXEMPLAR_FIELDS)
+    mapping = _require_mapping(raw, where, _EXEMPLAR_FIELDS + _EXEMPLAR_OPTIONAL)
     answer = mapping.get("answer")
     if isinstance(answer, int) and not isinstance(answer, bool):
         mapping = {**mapping, "answer": str(answer)}
     question, solution, answer = (_require_str(mapping, k, where) for k in _EXEMPLAR_FIELDS)
+    check = _require_str(mapping, "check", where) if "check" in mapping else ""
     boxed = last_boxed(solution)
     if boxed is None:
         raise CatalogueError(f"{where}: field 'solution' has no \\boxed{{...}} final answer")
@@ -264,7 +278,22 @@ def _parse_exemplar(raw: Any, where: str, marker: str) -> Exemplar:
         raise CatalogueError(f"{where}: field 'solution' boxes {boxed!r} but field 'answer' is {answer!r}")
     if marker.lower() not in solution.lower():
         raise CatalogueError(f"{where}: field 'solution' does not mention marker {marker!r}")
-    return Exemplar(question=question, solution=solution, answer=answer)
+    if check:
+        _check_recomputation(check, answer, where)
+    return Exemplar(question=question, solution=solution, answer=answer, check=check)
+
+
+def _check_recomputation(check: str, answer: str, where: str) -> None:
+    """``check`` must evaluate exactly to the numeric ``answer``."""
+    gold = parse_number(answer)
+    if gold is None:
+        raise CatalogueError(f"{where}: field 'check' needs a numeric 'answer', got {answer!r}")
+    try:
+        value = evaluate(check)
+    except ArithError as exc:
+        raise CatalogueError(f"{where}: field 'check' {check!r}: {exc}") from exc
+    if value != gold:
+        raise CatalogueError(f"{where}: field 'check' {check!r} gives {value} but field 'answer' is {answer!r}")
 
 
 def _require_mapping(raw: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
