@@ -27,6 +27,10 @@ from manyways.heuristics import (
     render_sft_messages,
     resolve_catalogue_path,
 )
+from manyways.config import load_config
+from manyways.experiment import max_heuristics
+from manyways.heuristics import REPO_ROOT
+from manyways.stages.generate import selected_heuristics
 from manyways.verify import verify_math
 
 CATALOGUE = load_catalogue()
@@ -38,6 +42,7 @@ V2 = load_catalogue(V2_PATH)
 V2_NEW = V2.heuristics[16:]  # the 48 heuristics v2 adds after polya_v1's 16
 V2_NEW_EXEMPLARS = [(h.id, j, e) for h in V2_NEW for j, e in enumerate(h.exemplars)]
 V2_NEW_EXEMPLAR_IDS = [f"{hid}[{j}]" for hid, j, _ in V2_NEW_EXEMPLARS]
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SHIPPED = {"polya_v1": CATALOGUE, "polya_v2": V2}
 POLYA_V1_HASH = "3ad4a8f01219bc4b"  # polya_v1's content hash before v2 (and `check`) existed
 
@@ -83,6 +88,31 @@ RECOMPUTED = {
     ("generalise", 1): len(list(itertools.combinations(range(6), 2))),
     ("look_back_verify", 0): 120 // 15,
     ("look_back_verify", 1): 3 * 12 - 10,
+}
+
+# A second, brute-force recomputation for the v2 exemplars whose gold is found by search; it
+# checks the `check` expressions of those exemplars (which are closed forms) independently.
+BRUTE_V2 = {
+    ("organised_list", 1): len([(t, f) for t in range(3) for f in range(5) if 10 * t + 5 * f == 20]),
+    ("count_the_complement", 0): len([x for x in range(1, 51) if x % 5 != 0]),
+    ("bracket_the_answer", 0): _brute(lambda s: s * s == 576, range(100)),
+    ("bracket_the_answer", 1): min(w for w in range(100) if 7 * w > 100),
+    ("lemma", 0): len([x for x in range(1, 101) if x % 3 == 0 or x % 5 == 0]),
+    ("separate_the_condition", 0): _brute(lambda c: c + (c - 4) == 10, range(11)),
+    ("separate_the_condition", 1): _brute(lambda x: x // 10 + x % 10 == 10, range(31, 40)),
+    ("keep_part_of_condition", 0): _brute(lambda e: e % 6 == 0 and e % 5 == 1, range(20, 41)),
+    ("keep_part_of_condition", 1): _brute(lambda a: 7 * a + 4 * (11 - a) == 50, range(12)),
+    ("is_it_possible", 0): min(b for b in range(1, 10) if 40 * b >= 130),
+    ("is_it_possible", 1): max(p for p in range(20) if 8 * p <= 100),
+    ("simple_model", 1): min(p for p in range(1, 10) if 8 * p >= 5 * 3),
+    ("suppose_the_opposite", 1): min(m for m in range(1, 20) if 10 * m >= 101),
+    ("signs_of_progress", 0): _brute(lambda n: (n - 1) + n == 51, range(100)),
+    ("signs_of_progress", 1): _brute(lambda li: 3 * li - 10 == li + 10, range(100)),
+    ("system_of_equations", 0): _brute(lambda h: any(3 * h + 2 * d == 13 and h + 2 * d == 7 for d in range(10)), range(10)),
+    ("special_value", 1): _brute(lambda n: n % 6 == 0 and n - n // 2 - n // 3 == 5, range(1, 100)),
+    ("justify_each_step", 1): min(10 * g + 3 * (14 - 4 * g) for g in range(14 // 4 + 1)),
+    ("analogy", 0): (11 - 1) * (10 // (6 - 1)),
+    ("equivalent_problem", 0): len(range(17, 53)),
 }
 
 # "a op b ... = c" with only numbers, + - * / and parentheses on the left.
@@ -230,12 +260,41 @@ def test_v2_exemplar_gold_is_recomputed_and_verified(hid, j, exemplar):
     assert verdict.status == "correct", f"{hid}[{j}]: boxed answer != {exemplar.answer} ({verdict})"
 
 
+@pytest.mark.parametrize(("hid", "j"), sorted(BRUTE_V2), ids=[f"{h}[{j}]" for h, j in sorted(BRUTE_V2)])
+def test_v2_search_exemplars_match_a_brute_force_recomputation(hid, j):
+    assert V2.get(hid).exemplars[j].answer == str(BRUTE_V2[(hid, j)])
+
+
 def test_every_arithmetic_equation_in_the_v2_solutions_is_correct():
     checked = 0
     for hid, j, exemplar in V2_NEW_EXEMPLARS:
         assert _wrong_equations(exemplar.solution) == [], f"{hid}[{j}]"
         checked += len(EQUATION.findall(exemplar.solution))
     assert checked >= 150
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_catalogue_holds_the_heuristics_its_arms_need(path):
+    cfg = load_config(path)
+    catalogue = load_catalogue(cfg.heuristics.catalogue)
+    assert len(catalogue.heuristics) >= max_heuristics(cfg), (path.name, catalogue.version)
+
+
+def test_the_recipe_can_run_n_64_with_polya_v2():
+    cfg = load_config(REPO_ROOT / "configs/paper_llama3b.yaml")
+    catalogue = load_catalogue(cfg.heuristics.catalogue)
+    assert catalogue.version == "polya_v2"
+    assert [h.id for h in catalogue.select(64)] == V2.ids
+
+
+def test_generate_records_v2_identity_and_keeps_v1_prompts_for_small_n():
+    cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml")
+    v2_heuristics, v2_ident = selected_heuristics(cfg)
+    v1_cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", [f"heuristics.catalogue={DEFAULT_CATALOGUE}"])
+    v1_heuristics, v1_ident = selected_heuristics(v1_cfg)
+    assert v2_ident == {"catalogue_version": "polya_v2", "catalogue_hash": V2.content_hash}
+    assert v1_ident == {"catalogue_version": "polya_v1", "catalogue_hash": POLYA_V1_HASH}
+    assert v2_heuristics == v1_heuristics  # tiny_cpu's n heuristics prompt exactly as with v1
 
 
 def test_taxonomy_has_exactly_64_unique_entries():
@@ -328,6 +387,26 @@ BAD_CATALOGUES = {
         r"field 'instruction' does not mention marker",
     ),
     "bad_id": (_break(lambda r: r["heuristics"][0].update(id="Work Backward")), r"field 'id'.*snake_case"),
+    "check_differs": (
+        _break(lambda r: r["heuristics"][0]["exemplars"][1].update(check="2 + 4")),
+        r"exemplars\[1\]: field 'check' '2 \+ 4' gives 6 but field 'answer' is '5'",
+    ),
+    "check_not_arithmetic": (
+        _break(lambda r: r["heuristics"][0]["exemplars"][0].update(check="__import__('os').getpid()")),
+        r"exemplars\[0\]: field 'check' .*not allowed",
+    ),
+    "check_empty": (
+        _break(lambda r: r["heuristics"][0]["exemplars"][0].update(check=" ")),
+        r"exemplars\[0\]: field 'check' must be a non-empty string",
+    ),
+    "check_with_non_numeric_answer": (
+        _break(
+            lambda r: r["heuristics"][0]["exemplars"][0].update(
+                solution="Plan: name it. \\boxed{five}", answer="five", check="5"
+            )
+        ),
+        r"exemplars\[0\]: field 'check' needs a numeric 'answer'",
+    ),
     "empty_name": (
         _break(lambda r: r["heuristics"][0].update(name="  ")),
         r"field 'name' must be a non-empty",
@@ -344,6 +423,17 @@ def test_bad_catalogue_error_names_file_and_field(tmp_path, case):
     message = str(info.value)
     assert message.startswith(str(path)), message
     assert re.search(pattern, message), message
+
+
+def test_check_equal_to_answer_loads_and_stays_out_of_identity(tmp_path):
+    raw = _valid_raw()
+    plain = load_catalogue(_write(tmp_path, raw, "plain.yaml"))
+    raw["heuristics"][0]["exemplars"][0]["check"] = "(4 + 6) / 2"
+    raw["heuristics"][0]["exemplars"][1]["check"] = "5.0"
+    checked = load_catalogue(_write(tmp_path, raw, "checked.yaml"))
+    assert checked.heuristics[0].exemplars[0].check == "(4 + 6) / 2"
+    assert checked == plain  # check is metadata: not part of equality...
+    assert checked.content_hash == plain.content_hash  # ...nor of the identity runs record
 
 
 def test_integer_answer_in_yaml_is_accepted_as_string(tmp_path):
