@@ -57,7 +57,13 @@ def test_rejects_anything_but_arithmetic_with_a_reason(expression, pattern):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("12", Fraction(12)), (" -2.5 ", Fraction(-5, 2)), ("3/4", Fraction(3, 4)), ("five", None), ("1/0", None)],
+    [
+        ("12", Fraction(12)),
+        (" -2.5 ", Fraction(-5, 2)),
+        ("3/4", Fraction(3, 4)),
+        ("five", None),
+        ("1/0", None),
+    ],
 )
 def test_parse_number(text, value):
     assert parse_number(text) == value

@@ -12,9 +12,12 @@ import pytest
 import yaml
 
 from manyways.arith import evaluate, parse_number
+from manyways.config import load_config
+from manyways.experiment import max_heuristics
 from manyways.heuristics import (
     DEFAULT_CATALOGUE,
     PLAIN_SYSTEM,
+    REPO_ROOT,
     CatalogueError,
     Heuristic,
     last_boxed,
@@ -27,9 +30,6 @@ from manyways.heuristics import (
     render_sft_messages,
     resolve_catalogue_path,
 )
-from manyways.config import load_config
-from manyways.experiment import max_heuristics
-from manyways.heuristics import REPO_ROOT
 from manyways.stages.generate import selected_heuristics
 from manyways.verify import verify_math
 
@@ -108,7 +108,9 @@ BRUTE_V2 = {
     ("suppose_the_opposite", 1): min(m for m in range(1, 20) if 10 * m >= 101),
     ("signs_of_progress", 0): _brute(lambda n: (n - 1) + n == 51, range(100)),
     ("signs_of_progress", 1): _brute(lambda li: 3 * li - 10 == li + 10, range(100)),
-    ("system_of_equations", 0): _brute(lambda h: any(3 * h + 2 * d == 13 and h + 2 * d == 7 for d in range(10)), range(10)),
+    ("system_of_equations", 0): _brute(
+        lambda h: any(3 * h + 2 * d == 13 and h + 2 * d == 7 for d in range(10)), range(10)
+    ),
     ("special_value", 1): _brute(lambda n: n % 6 == 0 and n - n // 2 - n // 3 == 5, range(1, 100)),
     ("justify_each_step", 1): min(10 * g + 3 * (14 - 4 * g) for g in range(14 // 4 + 1)),
     ("analogy", 0): (11 - 1) * (10 // (6 - 1)),

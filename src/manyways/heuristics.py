@@ -1,6 +1,7 @@
 """The Polya heuristic catalogue, the classification taxonomy, and chat-prompt rendering.
 
-Inputs: a versioned YAML catalogue of generation heuristics (``configs/heuristics/polya_v1.yaml``:
+Inputs: a versioned YAML catalogue of generation heuristics (``configs/heuristics/polya_v2.yaml``,
+64 heuristics, whose first 16 are ``polya_v1.yaml``'s, the default here and in the config:
 ``version``, ``description``, ``heuristics: [{id, name, marker, instruction, exemplars}]``) and a
 taxonomy YAML (``configs/heuristics/taxonomy_v1.yaml``: ``version``, ``description``,
 ``heuristics: [{id, name, description}]``). Outputs: frozen dataclasses and chat message lists
@@ -293,7 +294,9 @@ def _check_recomputation(check: str, answer: str, where: str) -> None:
     except ArithError as exc:
         raise CatalogueError(f"{where}: field 'check' {check!r}: {exc}") from exc
     if value != gold:
-        raise CatalogueError(f"{where}: field 'check' {check!r} gives {value} but field 'answer' is {answer!r}")
+        raise CatalogueError(
+            f"{where}: field 'check' {check!r} gives {value} but field 'answer' is {answer!r}"
+        )
 
 
 def _require_mapping(raw: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
