@@ -58,8 +58,8 @@ def sample_from_answer(answer: dict[str, Any]) -> GenSample:
 
     A reasoning server (vLLM with a reasoning parser, SGLang, DeepSeek's API) returns the chain of
     thought apart from the answer, as ``message.reasoning`` (vLLM since PR #27752, late 2025) or
-    ``message.reasoning_content`` (older vLLM, SGLang, DeepSeek); it is kept in ``GenSample.reasoning``. ``text`` is the answer
-    (``content``). When there is no answer text but there is reasoning (the answer was cut while
+    ``message.reasoning_content`` (older vLLM, SGLang, DeepSeek); it is kept in
+    ``GenSample.reasoning``. ``text`` is the answer (``content``). When there is no answer text but there is reasoning (the answer was cut while
     the model was still thinking, or the model never closed its thinking), ``text`` is the
     reasoning, so the sample reads like a plain model's cut-off answer (usually ``no_answer`` to the
     verifier) instead of an empty string that hides what the model wrote. ``manyways serve``'s
