@@ -242,3 +242,35 @@ def test_verl_compute_score_takes_timeout_keyword_first(monkeypatch: pytest.Monk
     assert score("toy", "\\boxed{42}", "42", {"timeout_s": 3}) == 1.0
     assert score("toy", "\\boxed{42}", "42") == 1.0
     assert seen == [7.0, 3.0, None]
+
+
+def test_readme_export_commands_name_our_files_keys_and_reward_modules(tmp_path: Path) -> None:
+    import json
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Export to verl, OpenRLHF and TRL")[1].split("\n## ")[0]
+    verl = section.split("python3 -m verl.trainer.main_ppo")[1].split("```")[0]
+    openrlhf = section.split("python3 -m openrlhf.cli.train_ppo_ray")[1].split("```")[0]
+    paths = export_rl_problems(PROBLEMS, tmp_path)
+    names = {p.name for p in paths}
+    assert re.search(r"data\.train_files=\S+/(\S+)", verl)[1] in names
+    module = re.search(r"custom_reward_function\.path=(\S+)", verl)[1]
+    name = re.search(r"custom_reward_function\.name=(\S+)", verl)[1]
+    assert callable(getattr(verl_load_module(module), name))
+    assert re.search(r"--data\.prompt_dataset \S+/(\S+)", openrlhf)[1] in names
+    row = json.loads((tmp_path / "rl_openrlhf.jsonl").read_text().splitlines()[0])
+    assert {
+        re.search(r"--data\.input_key (\S+)", openrlhf)[1],
+        re.search(r"--data\.label_key (\S+)", openrlhf)[1],
+    } <= set(row)
+    snippet = re.search(r'--reward\.remote_url \$\(python -c "([^"]+)"\)', openrlhf)[1]
+    path = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    spec = importlib.util.spec_from_file_location("reward_func", path)
+    reward_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reward_module)
+    assert path.endswith(".py") and callable(reward_module.reward_func)

@@ -13,7 +13,7 @@ function body is judged as in :func:`manyways.verify.registry.verify_problem`). 
   (``custom_reward_function.path=pkg://manyways.verl_reward``, ``custom_reward_function.name=compute_score``).
 - ``rl_openrlhf.jsonl``: the same problems for OpenRLHF's ``PromptDataset``: ``{"input": messages,
   "label": JSON string (see :func:`openrlhf_label`), "datasource", "problem_id"}``. Reward:
-  :mod:`manyways.openrlhf_reward`. Current OpenRLHF flags (dotted, since v0.10.3):
+  :mod:`manyways.openrlhf_reward`. Current OpenRLHF flags (dotted, since v0.10.2):
   ``--data.prompt_dataset rl_openrlhf.jsonl --data.input_key input --data.label_key label
   --data.apply_chat_template --reward.remote_url <path of manyways/openrlhf_reward.py>``.
   (Older OpenRLHF: ``--prompt_data``, ``--input_key``, ``--label_key``, ``--apply_chat_template``,
