@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 openai = pytest.importorskip("openai")  # the dev extra installs it
-from openai.types import Completion, Model  # noqa: E402
+from openai.types import Completion, ErrorObject, Model  # noqa: E402
 from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 
 from manyways.backends import GenRequest, GenSample  # noqa: E402
@@ -77,6 +77,13 @@ def _raw(url: str, body: dict[str, Any]) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+def _sse(raw: bytes, kind: Any) -> list[Any]:
+    """Server-sent events, every ``data:`` payload validated strictly, ending in ``[DONE]``."""
+    events = [e for e in raw.decode().split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    return [kind.model_validate_json(e[len("data: ") :], strict=True) for e in events[:-1]]
+
+
 def _expected(seeds: tuple[int, ...], max_tokens: int = 64, messages=MESSAGES) -> list[GenSample]:
     backend = ReasoningFake(QUESTIONS, correct_rate=0.5)
     request = GenRequest("e", messages, seeds=seeds, max_new_tokens=max_tokens, temperature=1.0)
@@ -94,6 +101,19 @@ def test_chat_completion_parses_strictly_and_matches_the_backend(client: Any, ba
     via_client = client.chat.completions.create(**body)
     assert [c.message.content for c in via_client.choices] == [s.text for s in expected]
     assert via_client.usage.prompt_tokens == expected[0].prompt_tokens
+
+
+def test_raw_streams_parse_strictly(base_url: str) -> None:
+    body = {"messages": MESSAGES, "n": 2, "seed": 5, "max_tokens": 64, "stream": True}
+    status, raw = _raw(f"{base_url}/v1/chat/completions", body)
+    assert status == 200
+    chunks = _sse(raw, ChatCompletionChunk)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == 0)
+    assert text == _expected((5, 6))[0].text
+    body = {"prompt": "Say hi", "seed": 1, "stream": True, "stream_options": {"include_usage": True}}
+    status, raw = _raw(f"{base_url}/v1/completions", body)
+    chunks = _sse(raw, Completion)
+    assert status == 200 and chunks[-1].usage is not None and chunks[-1].choices == []
 
 
 def test_streaming_with_the_real_client(client: Any) -> None:
@@ -165,15 +185,22 @@ def test_finish_reason_is_openais(base_url: str) -> None:
 def test_models_have_created(client: Any, base_url: str) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == ["fake-7"]
+    assert client.models.retrieve("fake-7").created == models.data[0].created
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as r:
         raw = json.loads(r.read())
     Model.model_validate_json(json.dumps(raw["data"][0]), strict=True)
     assert raw["data"][0]["created"] > 0
 
 
-def test_logprobs_without_top_logprobs(client: Any, fake: FakeBackend) -> None:
+def test_logprobs_without_top_logprobs(client: Any, base_url: str, fake: FakeBackend) -> None:
     answer = client.chat.completions.create(model="fake-7", messages=MESSAGES, max_tokens=1, logprobs=True)
-    ChatCompletion.model_validate_json(answer.model_dump_json(), strict=True)
+    status, raw = _raw(f"{base_url}/v1/chat/completions", {"messages": MESSAGES, "logprobs": True})
+    assert status == 200
+    assert (
+        ChatCompletion.model_validate_json(raw, strict=True).choices[0].logprobs.content[0].top_logprobs == []
+    )
     entry = answer.choices[0].logprobs.content[0]
     best, logprob = max(fake.next_token_logprobs([MESSAGES], 1)[0].items(), key=lambda kv: kv[1])
     assert (entry.token, entry.logprob, entry.top_logprobs) == (best, logprob, [])
@@ -191,11 +218,14 @@ def test_logprobs_without_top_logprobs(client: Any, fake: FakeBackend) -> None:
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
     ],
 )
-def test_bad_requests_are_openai_errors(client: Any, body: dict[str, Any], param: str) -> None:
+def test_bad_requests_are_openai_errors(client: Any, base_url: str, body: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="fake-7", **body)
     assert err.value.status_code == 400
     assert err.value.body["type"] == "invalid_request_error" and err.value.body["param"] == param
+    status, raw = _raw(f"{base_url}/v1/chat/completions", body)
+    assert status == 400 and set(json.loads(raw)) == {"error"}
+    ErrorObject.model_validate_json(json.dumps(json.loads(raw)["error"]), strict=True)
 
 
 def test_unknown_route_is_an_openai_404(client: Any) -> None:

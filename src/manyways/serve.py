@@ -12,7 +12,7 @@ Endpoints (checked against the ``openai`` Python client's own response types in 
 - ``POST /v1/completions``: ``prompt`` (a string or a list of strings) with the same options;
   our back-ends are chat back-ends, so each prompt is answered as one user turn through the
   model's chat template.
-- ``GET /v1/models`` (with ``created``: when the server started) and ``GET /health``.
+- ``GET /v1/models`` and ``/v1/models/{id}`` (``created``: when the server started), ``GET /health``.
 
 Sample ``i`` of a request with ``seed=s`` and ``n>1`` uses seed ``s + i``; a request without a
 seed uses seed 0, so answers are reproducible. ``finish_reason`` is one of OpenAI's values: a
@@ -311,10 +311,12 @@ def stream_events(answer: dict[str, Any], include_usage: bool) -> Iterator[dict[
             for d, end in zip(parts, ends, strict=True):
                 lp = c["logprobs"] if d is delta else None
                 yield {**head, "choices": [{"index": c["index"], "delta": d, "logprobs": lp, **end}], **extra}
-        else:
-            text_choice = {"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": None}
-            yield {**head, "choices": [text_choice], **extra}
-            yield {**head, "choices": [{**text_choice, "text": "", **finish}], **extra}
+        else:  # one chunk per choice: the openai types want a finish_reason in every completion chunk
+            yield {
+                **head,
+                "choices": [{"index": c["index"], "text": c["text"], "logprobs": None, **finish}],
+                **extra,
+            }
     if include_usage:
         yield {**head, "choices": [], "usage": answer["usage"]}
 
@@ -359,16 +361,14 @@ def make_handler(backend: GenerationBackend, lock: threading.Lock) -> type[BaseH
             self._send(status, error_body(message, kind, param, None if status == 400 else str(status)))
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib name
-            if self.path.rstrip("/") == "/health":
+            path = self.path.rstrip("/")
+            model = {"id": backend.model_id, "object": "model", "created": started, "owned_by": "manyways"}
+            if path == "/health":
                 self._send(200, {"status": "ok", "model": backend.model_id, "backend": backend.name})
-            elif self.path.rstrip("/") == "/v1/models":
-                model = {
-                    "id": backend.model_id,
-                    "object": "model",
-                    "created": started,
-                    "owned_by": "manyways",
-                }
+            elif path == "/v1/models":
                 self._send(200, {"object": "list", "data": [model]})
+            elif path == f"/v1/models/{backend.model_id}":
+                self._send(200, model)
             else:
                 self._error(404, f"no route {self.path}")
 
