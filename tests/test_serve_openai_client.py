@@ -9,15 +9,14 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import openai  # the dev extra installs it
 import pytest
+from openai.types import Completion, ErrorObject, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-openai = pytest.importorskip("openai")  # the dev extra installs it
-from openai.types import Completion, ErrorObject, Model  # noqa: E402
-from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
-
-from manyways.backends import GenRequest, GenSample  # noqa: E402
-from manyways.backends.fake import FakeBackend  # noqa: E402
-from manyways.serve import make_server  # noqa: E402
+from manyways.backends import GenRequest, GenSample
+from manyways.backends.fake import FakeBackend
+from manyways.serve import make_server
 
 QUESTIONS = {"What is 3 plus 4?": "7"}
 MESSAGES = [{"role": "user", "content": "Solve: What is 3 plus 4?"}]
