@@ -34,6 +34,7 @@ from typing import Any
 
 import datasets
 import pytest
+import torch
 
 import manyways.openrlhf_reward
 import manyways.verl_reward
@@ -167,6 +168,9 @@ def _openrlhf_scores(tmp_path: Path, cases: dict[str, list[str]], tokenizer: Any
             out = module.reward_func([query], [prompt], [label])
             assert set(out) == {"rewards", "scores", "extra_logs"}
             assert out["scores"].tolist() == out["rewards"].tolist()
+            # openrlhf/trainer/ppo_utils/samples_generator.py: how the executor's output is consumed
+            assert torch.tensor([out["rewards"]]).shape == (1,)
+            assert all(isinstance(v.flatten()[0].item(), float) for v in out["extra_logs"].values())
             scores.append(float(out["rewards"].flatten()[0].item()))
     return scores
 
