@@ -94,6 +94,8 @@ def test_top_logprobs(base_url: str, fake: FakeBackend) -> None:
     assert top == sorted(top, key=lambda t: -t["logprob"])
     assert content["token"] == top[0]["token"] == answer["choices"][0]["message"]["content"]
     assert {t["token"]: t["logprob"] for t in top} == fake.next_token_logprobs([MESSAGES], 4)[0]
+    probe = fake.generate([GenRequest("p", MESSAGES, seeds=(0,), max_new_tokens=1)])[0][0]
+    assert answer["usage"]["prompt_tokens"] == probe.prompt_tokens > 0
 
 
 def test_backend_without_logprobs_is_a_400() -> None:
@@ -114,7 +116,8 @@ def test_backend_without_logprobs_is_a_400() -> None:
     try:
         body = {"messages": MESSAGES, "max_tokens": 1, "logprobs": True, "top_logprobs": 2}
         status, answer = _post(f"http://{host}:{port}/v1/chat/completions", body)
-        assert status == 400 and "top log-probabilities" in answer["error"]["message"]
+        assert status == 400 and "log-probabilities" in answer["error"]["message"]
+        assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == "logprobs"
     finally:
         server.shutdown()
         server.server_close()

@@ -1,15 +1,30 @@
 """Export a run's data for other RL / SFT frameworks (``manyways export CONFIG [--out DIR]``).
 
+Every RL row carries what our verifier needs to judge any answer type (gold, choices, tests,
+entry point and, for code, the problem's ``code_prompt``, so a completion that gives only the
+function body is judged as in :func:`manyways.verify.registry.verify_problem`). The README's
+"Export" section has the full training command lines.
+
 - ``rl_verl.parquet``: the RL problem set (``data.rl``, else ``data.train``) in verl's RL dataset
-  layout: ``data_source``, ``prompt`` (chat messages), ``ability``, ``reward_model`` {``style``:
-  "rule", ``ground_truth``} and ``extra_info`` {``split``, ``index``, ``problem_id``, ...}. Score it
-  with our verifier through :func:`manyways.verl_reward.compute_score`
-  (``custom_reward_function.path=<site-packages>/manyways/verl_reward.py``,
-  ``custom_reward_function.name=compute_score``).
-- ``rl_openrlhf.jsonl``: the same problems for OpenRLHF: ``{"input": messages, "label": gold}``
-  (``--input_key input --label_key label --apply_chat_template``).
-- ``midtrain_trl.jsonl``: the run's mid-training conversations (``<run>/select/train.parquet``, when
-  present) as TRL conversational JSON lines ``{"messages": [...]}``.
+  layout (``verl/utils/dataset/rl_dataset.py``): ``data_source``, ``prompt`` (chat messages),
+  ``ability``, ``reward_model`` {``style``: "rule", ``ground_truth``} and ``extra_info``
+  {``split``, ``index``, ``problem_id``, ``answer_type``, ``choices``, ``tests``, ``entry_point``,
+  ``code_prompt``}. Reward: :func:`manyways.verl_reward.compute_score`
+  (``custom_reward_function.path=pkg://manyways.verl_reward``, ``custom_reward_function.name=compute_score``).
+- ``rl_openrlhf.jsonl``: the same problems for OpenRLHF's ``PromptDataset``: ``{"input": messages,
+  "label": JSON string (see :func:`openrlhf_label`), "datasource", "problem_id"}``. Reward:
+  :mod:`manyways.openrlhf_reward`. Current OpenRLHF flags (dotted, since v0.10.2):
+  ``--data.prompt_dataset rl_openrlhf.jsonl --data.input_key input --data.label_key label
+  --data.apply_chat_template --reward.remote_url <path of manyways/openrlhf_reward.py>``.
+  (Older OpenRLHF: ``--prompt_data``, ``--input_key``, ``--label_key``, ``--apply_chat_template``,
+  ``--remote_rm_url``.)
+- ``midtrain_trl.jsonl``: the run's mid-training data (``<run>/select/train.parquet``, when
+  present) as TRL conversational prompt-completion lines ``{"prompt": [...], "completion":
+  [assistant turn]}``, so a default ``SFTTrainer`` (``completion_only_loss``) trains on the
+  completion only, as our ``midtrain`` does; the rows ``midtrain`` drops (no final assistant turn,
+  empty answer, no prompt, longer than ``midtrain.max_length`` tokens under ``model.name``'s chat
+  template) are dropped here too.
+- ``manifest.json``: how many rows each file got and how many were dropped, by reason.
 
 The prompts are the ones the ``rl`` stage trains on (:func:`manyways.heuristics.render_plain_messages`).
 """
@@ -18,13 +33,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manyways.artifacts import write_parquet_atomic, write_text_atomic
+from manyways.artifacts import write_json_atomic, write_parquet_atomic, write_text_atomic
 from manyways.config import Config
 from manyways.heuristics import render_plain_messages
 from manyways.schema import MESSAGES_TYPE, Problem
@@ -48,11 +64,43 @@ VERL_SCHEMA = pa.schema(
                     ("choices", pa.list_(pa.string())),
                     ("tests", pa.string()),
                     ("entry_point", pa.string()),
+                    ("code_prompt", pa.string()),
                 ]
             ),
         ),
     ]
 )
+
+
+def verification_fields(p: Problem) -> dict[str, Any]:
+    """What :func:`manyways.verify.registry.verify_problem` reads besides the gold answer."""
+    return {
+        "answer_type": p.answer_type,
+        "choices": p.choices,
+        "tests": p.tests,
+        "entry_point": p.metadata.get("entry_point"),
+        "code_prompt": p.metadata.get("prompt"),
+    }
+
+
+def problem_from_fields(
+    answer: str, fields: dict[str, Any], *, problem_id: str = "export", source: str = "export"
+) -> Problem:
+    """The :class:`Problem` (for verification; no question text) that exported fields stand for."""
+    metadata = {
+        k: fields[f] for k, f in (("entry_point", "entry_point"), ("prompt", "code_prompt")) if fields.get(f)
+    }
+    choices = fields.get("choices")
+    return Problem(
+        problem_id=problem_id,
+        source=source,
+        question="",
+        answer=str(answer),
+        answer_type=fields.get("answer_type") or "math",
+        choices=list(choices) if choices is not None else None,
+        tests=fields.get("tests"),
+        metadata=metadata,
+    )
 
 
 def verl_records(problems: list[Problem], split: str = "train") -> list[dict[str, Any]]:
@@ -63,24 +111,30 @@ def verl_records(problems: list[Problem], split: str = "train") -> list[dict[str
             "prompt": render_plain_messages(p.question),
             "ability": p.answer_type,
             "reward_model": {"style": "rule", "ground_truth": p.answer},
-            "extra_info": {
-                "split": split,
-                "index": i,
-                "problem_id": p.problem_id,
-                "answer_type": p.answer_type,
-                "choices": p.choices,
-                "tests": p.tests,
-                "entry_point": p.metadata.get("entry_point"),
-            },
+            "extra_info": {"split": split, "index": i, "problem_id": p.problem_id, **verification_fields(p)},
         }
         for i, p in enumerate(problems)
     ]
 
 
+def openrlhf_label(p: Problem) -> str:
+    """The ``label`` OpenRLHF hands to the reward function: a JSON object with the gold
+    (``answer``), ``problem_id`` and :func:`verification_fields` (one string, so any dataset
+    reader keeps it as is)."""
+    return json.dumps(
+        {"answer": p.answer, "problem_id": p.problem_id, **verification_fields(p)}, ensure_ascii=False
+    )
+
+
 def openrlhf_records(problems: list[Problem]) -> list[dict[str, Any]]:
-    """One OpenRLHF prompt row per problem: chat messages as ``input``, the gold as ``label``."""
+    """One OpenRLHF prompt row per problem: chat messages as ``input``, the JSON label as ``label``."""
     return [
-        {"input": render_plain_messages(p.question), "label": p.answer, "problem_id": p.problem_id}
+        {
+            "input": render_plain_messages(p.question),
+            "label": openrlhf_label(p),
+            "datasource": p.source,
+            "problem_id": p.problem_id,
+        }
         for p in problems
     ]
 
@@ -96,14 +150,37 @@ def export_rl_problems(problems: list[Problem], out_dir: Path) -> list[Path]:
     return [verl, write_jsonl(out_dir / "rl_openrlhf.jsonl", openrlhf_records(problems))]
 
 
-def export_midtrain_data(select_dir: Path, out_dir: Path) -> list[Path]:
-    """The select stage's conversations as TRL JSON lines; nothing when the run has none."""
-    path = select_dir / "train.parquet"
+def trl_examples(
+    rows: list[dict[str, Any]], tokenizer: Any, max_length: int
+) -> tuple[list[dict], Counter[str]]:
+    """The examples our ``midtrain`` stage would train on, with its drop counts (same functions)."""
+    from manyways.stages.midtrain import check_examples, to_prompt_completion
+
+    examples, counts = to_prompt_completion(rows)
+    kept, _ = check_examples(examples, tokenizer, max_length, counts)
+    return [{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in kept], counts
+
+
+def export_midtrain_data(cfg: Config, out_dir: Path) -> tuple[list[Path], dict[str, int]]:
+    """The select stage's conversations as TRL prompt-completion lines; nothing when there are none."""
+    path = cfg.run_dir / "select" / "train.parquet"
     if not path.is_file():
         log.info("no mid-training data at %s; skipping the TRL export", path)
-        return []
+        return [], {}
+    from manyways.models import load_tokenizer
+
     rows = pq.read_table(path, columns=["messages"]).to_pylist()
-    return [write_jsonl(out_dir / "midtrain_trl.jsonl", rows)]
+    examples, counts = trl_examples(rows, load_tokenizer(cfg.model.name), cfg.midtrain.max_length)
+    dropped = sum(counts.values())
+    if dropped:
+        log.warning(
+            "TRL export: %d of %d conversations dropped as midtrain drops them: %s",
+            dropped,
+            len(rows),
+            dict(counts),
+        )
+    stats = {"rows": len(rows), "written": len(examples), **dict(counts)}
+    return [write_jsonl(out_dir / "midtrain_trl.jsonl", examples)], stats
 
 
 def load_rl_problem_set(cfg: Config) -> list[Problem]:
@@ -118,6 +195,10 @@ def export_all(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     out = Path(out_dir) if out_dir is not None else cfg.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     problems = load_rl_problem_set(cfg)
-    paths = export_rl_problems(problems, out) + export_midtrain_data(cfg.run_dir / "select", out)
+    rl_paths = export_rl_problems(problems, out)
+    trl_paths, trl_stats = export_midtrain_data(cfg, out)
+    manifest = {"rl_problems": len(problems), "midtrain_trl": trl_stats}
+    write_json_atomic(out / "manifest.json", manifest)
+    paths = rl_paths + trl_paths
     log.info("exported %d RL problems and %d files to %s", len(problems), len(paths), out)
     return paths

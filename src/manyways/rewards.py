@@ -4,9 +4,14 @@ dataset columns (here ``problem_id``).
 - :class:`CorrectnessReward`: 1.0 when our hang-proof verifier
   (:func:`manyways.verify.registry.verify_many`, the same code as the offline verify stage and
   evaluation) says correct, 0.0 when incorrect or no answer, and None when the verifier could not
-  judge (bad gold, timeout, error): TRL turns None into NaN and leaves that completion out of the
-  group baseline with zero advantage. Timeouts and unscorable completions are counted.
-- :class:`FormatReward`: 1.0 when the completion ends in a ``\\boxed{}`` answer.
+  judge (bad gold, timeout, error). Timeouts and unscorable completions are counted.
+- :class:`FormatReward`: 1.0 when the completion ends in a ``\\boxed{}`` answer, 0.0 when not,
+  and None for a completion the verifier could not judge (it shares the correctness verdicts).
+
+A completion the verifier cannot judge therefore gets None from *every* reward function, with or
+without the format term, and TRL (>= 1.6, the floor in ``pyproject.toml``) leaves a completion
+whose rewards are all None out of the group baseline and gives it zero advantage. (Were the format
+reward given anyway, TRL's ``nansum`` would score it ``format_weight`` and keep it in the baseline.)
 
 Both are plain callables with a ``__name__`` (TRL names its reward metrics after it).
 """
@@ -20,6 +25,7 @@ from typing import Any
 
 from manyways.heuristics import last_boxed
 from manyways.schema import Problem
+from manyways.verify import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +59,24 @@ class CorrectnessReward:
         self.problems = {p.problem_id: p for p in problems}
         self.timeout_s = timeout_s
         self.counts: Counter[str] = Counter()
+        self._batch: dict[tuple[str, str], Verdict] = {}  # the latest batch's verdicts
+
+    def verdicts(self, problem_id: list[str], texts: list[str]) -> list[Verdict]:
+        """Verdicts of (problem, text) pairs; a batch already judged (by either reward) is not rerun."""
+        from manyways.verify.registry import verify_many
+
+        keys = list(zip(problem_id, texts, strict=True))
+        todo = [k for k in dict.fromkeys(keys) if k not in self._batch]
+        pairs = [(self.problems[pid], text) for pid, text in todo]
+        fresh = verify_many(pairs, timeout_s=self.timeout_s) if pairs else []
+        known = {**self._batch, **dict(zip(todo, fresh, strict=True))}
+        self._batch = {k: known[k] for k in keys}
+        return [known[k] for k in keys]
 
     def __call__(
         self, prompts: list[Any], completions: list[Any], problem_id: list[str], **kwargs: Any
     ) -> list[float | None]:
-        from manyways.verify.registry import verify_many
-
-        pairs = [
-            (self.problems[pid], completion_text(c)) for pid, c in zip(problem_id, completions, strict=True)
-        ]
-        verdicts = verify_many(pairs, timeout_s=self.timeout_s)
+        verdicts = self.verdicts(problem_id, [completion_text(c) for c in completions])
         batch: Counter[str] = Counter(v.status for v in verdicts)
         self.counts.update({f"status_{k}": n for k, n in batch.items()})
         self.counts["completions"] += len(verdicts)
@@ -83,12 +97,26 @@ class CorrectnessReward:
 
 
 class FormatReward:
-    """1.0 when the completion contains a ``\\boxed{...}`` final answer, else 0.0."""
+    """1.0 when the completion contains a ``\\boxed{...}`` final answer, else 0.0; None when
+    ``correctness`` (given) could not judge the completion, so it stays out of the baseline."""
 
     __name__ = "format"
 
-    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        return [1.0 if last_boxed(completion_text(c)) is not None else 0.0 for c in completions]
+    def __init__(self, correctness: CorrectnessReward | None = None):
+        self.correctness = correctness
+
+    def __call__(
+        self, prompts: list[Any], completions: list[Any], problem_id: list[str] | None = None, **kwargs: Any
+    ) -> list[float | None]:
+        texts = [completion_text(c) for c in completions]
+        rewards: list[float | None] = [1.0 if last_boxed(t) is not None else 0.0 for t in texts]
+        if self.correctness is None or problem_id is None:
+            return rewards
+        verdicts = self.correctness.verdicts(problem_id, texts)
+        return [
+            None if verdict_reward(v.status, v.correct) is None else r
+            for v, r in zip(verdicts, rewards, strict=True)
+        ]
 
 
 def reward_functions(
@@ -98,6 +126,6 @@ def reward_functions(
     funcs: list[Any] = [CorrectnessReward(problems, timeout_s=timeout_s)]
     weights = [1.0]
     if format_weight > 0:
-        funcs.append(FormatReward())
+        funcs.append(FormatReward(funcs[0]))
         weights.append(format_weight)
     return funcs, weights

@@ -6,7 +6,8 @@ on (prompt, seeds[i], sampling parameters) wherever the server honours seeds. Re
 ``concurrency`` at a time; connection errors, timeouts, HTTP 429 and 5xx are retried with
 exponential backoff, and a server still unreachable after the retries raises
 :class:`BackendUnavailableError` naming its URL. The server's prefix cache is invisible from here,
-so ``stats.prefill_tokens_computed`` equals ``prompt_tokens_submitted``.
+so ``stats.prefill_tokens_computed`` equals ``prompt_tokens_submitted``. A reasoning server's
+separate chain of thought is kept in ``GenSample.reasoning`` (see :func:`sample_from_answer`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,33 @@ def _retryable(err: BaseException) -> bool:
     if isinstance(err, urllib.error.HTTPError):
         return err.code == 429 or err.code >= 500
     return isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout))
+
+
+def sample_from_answer(answer: dict[str, Any]) -> GenSample:
+    """The :class:`GenSample` of a chat-completions answer's first choice.
+
+    A reasoning server (vLLM with a reasoning parser, SGLang, DeepSeek's API) returns the chain of
+    thought apart from the answer, as ``message.reasoning`` (vLLM since PR #27752, late 2025) or
+    ``message.reasoning_content`` (older vLLM, SGLang, DeepSeek); it is kept in
+    ``GenSample.reasoning``. ``text`` is the answer (``content``). When there is no answer text but there is reasoning (the answer was cut while
+    the model was still thinking, or the model never closed its thinking), ``text`` is the
+    reasoning, so the sample reads like a plain model's cut-off answer (usually ``no_answer`` to the
+    verifier) instead of an empty string that hides what the model wrote. ``manyways serve``'s
+    ``manyways_finish_reason`` (e.g. ``decode_error``) is read back when present.
+    """
+    choice = answer["choices"][0]
+    message = choice.get("message") or {}
+    usage = answer.get("usage") or {}
+    finish = choice.get("manyways_finish_reason") or choice.get("finish_reason") or "stop"
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning") or message.get("reasoning_content") or ""
+    return GenSample(
+        text=content if content.strip() or not reasoning else reasoning,
+        finish_reason=finish if finish in FINISH_REASONS else "stop",
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        reasoning=str(reasoning),
+    )
 
 
 class OpenAIBackend:
@@ -142,17 +170,7 @@ class OpenAIBackend:
         return payload
 
     def _one_sample(self, request: GenRequest, seed: int) -> GenSample:
-        answer = self.post(self._payload(request, seed))
-        choice = answer["choices"][0]
-        usage = answer.get("usage") or {}
-        finish = choice.get("finish_reason") or "stop"
-        text = (choice.get("message") or {}).get("content") or ""
-        return GenSample(
-            text=text,
-            finish_reason=finish if finish in FINISH_REASONS else "stop",
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
+        return sample_from_answer(self.post(self._payload(request, seed)))
 
     def generate(
         self, requests: Sequence[GenRequest], progress: ProgressCallback | None = None

@@ -47,6 +47,7 @@ class GenSample:
     finish_reason: str  # "stop" | "length" | "decode_error"
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str = ""  # a reasoning server's separate chain of thought (see backends/openai.py)
 
 
 @dataclass
