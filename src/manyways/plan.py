@@ -296,27 +296,46 @@ def _table(plan: Plan, *, markdown: bool) -> str:
     )
 
 
+def _grouped_rows(plan: Plan) -> list[list[str]]:
+    """Stage runs with identical estimates merged into one row (e.g. the same GRPO run per arm)."""
+    groups: dict[tuple[Any, ...], list[StageRun]] = {}
+    for run in plan.runs.values():
+        e = run.estimate
+        groups.setdefault((run.stage, e.what, e.tokens_in, e.tokens_out, round(e.gpu_hours, 6)), []).append(
+            run
+        )
+    from manyways.pipeline import ORDER
+
+    rows = []
+    for (stage, what, tin, tout, hours), runs in sorted(groups.items(), key=lambda kv: ORDER.index(kv[0][0])):
+        arms = [a for r in runs for a in r.arms]
+        arms_text = ", ".join(dict.fromkeys(arms)) if len(arms) <= 4 else f"{len(set(arms))} arms"
+        tokens = f"{_num(tin)} / {_num(tout)}" if tin or tout else "-"
+        each = f"{_hours(hours)} x {len(runs)}" if len(runs) > 1 else _hours(hours)
+        rows.append([f"{stage} ({arms_text})", what, tokens, each, _hours(hours * len(runs))])
+    return rows
+
+
 def format_cost_markdown(plan: Plan) -> str:
-    """README's cost table: every stage run once, then per-stage and per-arm totals."""
+    """README's cost table: stage runs (identical ones merged), then per-arm totals."""
     a = plan.assumptions
-    totals = plan.stage_totals()
+    head = ["stage run (used by)", "count", "tokens in / out", f"{a.gpu}-h each", f"{a.gpu}-h"]
+    rows = _grouped_rows(plan)
     arms = [arm for arm in plan.arms if arm != "base"]
     parts = [
-        _table(plan, markdown=True),
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *["| " + " | ".join(r) + " |" for r in rows],
+        f"| **all {len(plan.runs)} stage runs** | | | | **{_hours(plan.total_gpu_hours)}** |",
         "",
-        "| stage | runs | " + a.gpu + "-h |",
-        "|---|---|---|",
-        *[f"| {s} | {n} | {_hours(h)} |" for s, (n, h) in totals.items()],
-        f"| **all** | {len(plan.runs)} | **{_hours(plan.total_gpu_hours)}** |",
-        "",
-        "| arm | " + a.gpu + "-h with shared stages | its own stages |",
+        f"| arm | {a.gpu}-h with the stages it shares | {a.gpu}-h of its own stages |",
         "|---|---|---|",
         *[
             f"| {arm} | {_hours(plan.arm_gpu_hours(arm))} | {_hours(plan.arm_gpu_hours(arm, own_only=True))} |"
             for arm in arms
         ],
         "",
-        f"Assumptions (`manyways.plan_estimates.ASSUMPTIONS`): {a.describe()}",
+        f"Assumptions: {a.describe()}",
     ]
     return "\n".join(parts)
 
@@ -329,9 +348,8 @@ README_END = "<!-- /plan -->"
 
 def readme_block(readme_text: str) -> str | None:
     """The generated cost table between README's markers (None when the markers are missing)."""
-    pattern = re.escape(README_BEGIN) + r"\n(.*?)\n" + re.escape(README_END)
-    match = re.search(pattern, readme_text, flags=re.S)
-    return match.group(1) if match else None
+    match = re.search(re.escape(README_BEGIN) + "(.*?)" + re.escape(README_END), readme_text, flags=re.S)
+    return match.group(1).strip("\n") if match else None
 
 
 def update_readme(
@@ -343,7 +361,7 @@ def update_readme(
     if readme_block(text) is None:
         raise PlanError(f"{path} has no {README_BEGIN!r} ... {README_END!r} block")
     table = format_cost_markdown(project_file(config))
-    pattern = re.escape(README_BEGIN) + r"\n.*?\n" + re.escape(README_END)
+    pattern = re.escape(README_BEGIN) + ".*?" + re.escape(README_END)
     new = re.sub(pattern, lambda _: f"{README_BEGIN}\n{table}\n{README_END}", text, flags=re.S)
     if new != text:
         path.write_text(new)

@@ -92,6 +92,11 @@ class Estimate:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def plural(n: float, word: str) -> str:
+    """``1 heuristic``, ``16 heuristics``, ``2.5 epochs``."""
+    return f"{n:,g} {word}" if n == 1 else f"{n:,g} {word}s"
+
+
 def trl_setting(section: Any, name: str) -> Any:
     """A training setting as the trainer sees it: ``section.trl`` wins over the typed key
     (see :func:`manyways.training.trainer_kwargs`)."""
@@ -142,7 +147,7 @@ def _generate(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumpti
     prompt = a.prompt_tokens_plain if g.mode == "plain" else a.prompt_tokens_heuristic
     hours = _Cost(cfg, a).decode(model, samples * out, samples * prompt)
     who = f" by {model}" if teacher else ""
-    what = f"{problems:,} questions x {heur} heuristics x {per} samples = {samples:,} samples{who}"
+    what = f"{problems:,} questions x {plural(heur, 'heuristic')} x {per} samples = {samples:,} samples{who}"
     detail = {"problems": problems, "heuristics": heur, "per_pair": per, "prompt": prompt, "completion": out}
     return Estimate(what, samples, "samples", samples, samples * prompt, samples * out, hours, detail)
 
@@ -174,15 +179,15 @@ def _select(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumption
         traces, what = round(problems * p_correct), "one correct plain trace per question"
     elif sel.variant == "incorrect":
         traces = round(problems * heur * (1 - a.train_accuracy**per))
-        what = f"one incorrect trace per (question, heuristic), {heur} heuristics"
+        what = f"one incorrect trace per (question, heuristic), {plural(heur, 'heuristic')}"
     elif sel.budget_heuristics and sel.budget_problems:
         h, m = min(sel.budget_heuristics, heur), min(sel.budget_problems, problems)
-        traces, what = h * m, f"fixed budget: {h} heuristics x {m:,} questions"
+        traces, what = h * m, f"fixed budget: {plural(h, 'heuristic')} x {m:,} questions"
     else:
         h = min(sel.heuristics or heur, heur)
         traces, what = (
             round(problems * h * p_correct),
-            f"best correct trace per (question, heuristic), {h} heuristics",
+            f"best correct trace per (question, heuristic), {plural(h, 'heuristic')}",
         )
     detail = {"trace_tokens": a.prompt_tokens_plain + gen["completion"]}
     return Estimate(f"{what}: ~{traces:,} traces", traces, "traces", detail=detail)
@@ -198,7 +203,7 @@ def _midtrain(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumpti
     else:
         epochs = trl_setting(m, "epochs")
         seqs = round(sel.count * epochs)
-        what = f"{sel.count:,} traces x {epochs:g} epochs"
+        what = f"{sel.count:,} traces x {plural(epochs, 'epoch')}"
     tokens = seqs * per_trace
     return Estimate(what, seqs, "sequences", 0, tokens, 0, _Cost(cfg, a).train(cfg.model.name, tokens))
 
@@ -214,7 +219,7 @@ def _rl(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -
     else:
         epochs = trl_setting(r, "epochs")
         completions = round(prompts * group * epochs)
-        what = f"{prompts:,} prompts x {group} completions x {epochs:g} epochs"
+        what = f"{prompts:,} prompts x {group} completions x {plural(epochs, 'epoch')}"
     out = completions * min(a.completion_rl, trl_setting(r, "max_completion_length"))
     tokens_in = completions * a.prompt_tokens_plain
     cost = _Cost(cfg, a)
@@ -233,7 +238,7 @@ def _evaluate(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumpti
     out = samples * min(a.completion_evaluate, e.max_new_tokens)
     tokens_in = samples * a.prompt_tokens_plain
     hours = _Cost(cfg, a).decode(cfg.model.name, out, tokens_in)
-    what = f"{models} model(s) x {problems:,} problems x {e.samples} samples = {samples:,} samples"
+    what = f"{plural(models, 'model')} x {problems:,} problems x {e.samples} samples = {samples:,} samples"
     return Estimate(what, samples, "samples", samples, tokens_in, out, hours, {"models": models})
 
 
