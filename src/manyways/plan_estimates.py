@@ -97,14 +97,6 @@ def plural(n: float, word: str) -> str:
     return f"{n:,g} {word}" if n == 1 else f"{n:,g} {word}s"
 
 
-def trl_setting(section: Any, name: str) -> Any:
-    """A training setting as the trainer sees it: ``section.trl`` wins over the typed key
-    (see :func:`manyways.training.trainer_kwargs`)."""
-    trl_name = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size"}.get(name, name)
-    trl_name = "gradient_accumulation_steps" if name == "grad_accum" else trl_name
-    return section.trl.get(trl_name, getattr(section, name))
-
-
 class _Cost:
     def __init__(self, cfg: Config, a: Assumptions):
         self.a = a
@@ -195,13 +187,13 @@ def _select(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumption
 
 def _midtrain(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -> Estimate:
     m, sel = cfg.midtrain, up["select"]
-    per_trace = min(sel.detail["trace_tokens"], trl_setting(m, "max_length"))
-    steps = trl_setting(m, "max_steps")
+    per_trace = min(sel.detail["trace_tokens"], m.max_length)
+    steps = m.max_steps
     if steps and steps > 0:
-        seqs = steps * trl_setting(m, "batch_size") * trl_setting(m, "grad_accum") * a.train_gpus
+        seqs = steps * m.batch_size * m.grad_accum * a.train_gpus
         what = f"{steps:,} steps x {seqs // steps:,} sequences ({a.train_gpus} GPUs)"
     else:
-        epochs = trl_setting(m, "epochs")
+        epochs = m.epochs
         seqs = round(sel.count * epochs)
         what = f"{sel.count:,} traces x {plural(epochs, 'epoch')}"
     tokens = seqs * per_trace
@@ -211,19 +203,19 @@ def _midtrain(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumpti
 def _rl(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -> Estimate:
     r = cfg.rl
     prompts = size(cfg.data.rl or cfg.data.train)
-    group = trl_setting(r, "num_generations")
-    steps = trl_setting(r, "max_steps")
+    group = r.num_generations
+    steps = r.max_steps
     if steps and steps > 0:
-        completions = steps * trl_setting(r, "batch_size") * trl_setting(r, "grad_accum") * a.train_gpus
+        completions = steps * r.batch_size * r.grad_accum * a.train_gpus
         what = f"{steps:,} steps, {completions:,} completions ({a.train_gpus} GPUs)"
     else:
-        epochs = trl_setting(r, "epochs")
+        epochs = r.epochs
         completions = round(prompts * group * epochs)
         what = f"{prompts:,} prompts x {group} completions x {plural(epochs, 'epoch')}"
-    out = completions * min(a.completion_rl, trl_setting(r, "max_completion_length"))
+    out = completions * min(a.completion_rl, r.max_completion_length)
     tokens_in = completions * a.prompt_tokens_plain
     cost = _Cost(cfg, a)
-    ref = 1 + (2 / 6 if trl_setting(r, "beta") > 0 else 0)  # a reference model's forward
+    ref = 1 + (2 / 6 if r.beta > 0 else 0)  # a reference model's forward
     hours = cost.decode(cfg.model.name, out, tokens_in) + ref * cost.train(cfg.model.name, out + tokens_in)
     return Estimate(what, completions, "completions", completions, tokens_in, out, hours)
 

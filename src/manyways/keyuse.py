@@ -1,0 +1,227 @@
+"""Which config keys the code reads: a key nobody reads is an error, not a silent no-op.
+
+Two checks:
+
+- :func:`shadowed_trl_keys` (run by config loading): a key of ``midtrain.trl`` / ``rl.trl`` that
+  duplicates one of our typed keys (``rl.trl.num_generations`` vs ``rl.num_generations``). The
+  pass-through wins in the trainer, so the typed key, its default and any ``key=value`` override
+  of it would silently do nothing while other code (checks, the plan) reads it.
+- :func:`record_reads` + :func:`unread_keys` (used by tests and the rehearsal): while the context
+  is active every read of a config field, by any code except the config's own and the hashing of
+  stage configs, is recorded with its dotted path (``generate.backend.vllm``); afterwards every
+  key the YAML file sets must be among them. Pass-through mappings (``trl``, ``vllm``,
+  ``options``) count as read when the mapping is; their keys are the receiving library's.
+
+Reads inside other processes (Ray actors) are not seen: record a run with the local executor.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+# typed key -> the TRL argument it is passed as (manyways.stages.midtrain.sft_args / rl.grpo_args)
+TRL_SPELLING: dict[str, dict[str, str]] = {
+    "midtrain": {
+        "epochs": "num_train_epochs",
+        "max_steps": "max_steps",
+        "learning_rate": "learning_rate",
+        "batch_size": "per_device_train_batch_size",
+        "grad_accum": "gradient_accumulation_steps",
+        "max_length": "max_length",
+        "save_steps": "save_steps",
+    },
+    "rl": {
+        "num_generations": "num_generations",
+        "batch_size": "per_device_train_batch_size",
+        "grad_accum": "gradient_accumulation_steps",
+        "beta": "beta",
+        "loss_type": "loss_type",
+        "scale_rewards": "scale_rewards",
+        "epsilon": "epsilon",
+        "epsilon_high": "epsilon_high",
+        "temperature": "temperature",
+        "max_completion_length": "max_completion_length",
+        "learning_rate": "learning_rate",
+        "epochs": "num_train_epochs",
+        "max_steps": "max_steps",
+        "save_steps": "save_steps",
+        "use_vllm": "use_vllm",
+        "vllm_mode": "vllm_mode",
+    },
+}
+
+
+def shadowed_trl_keys(section: str, trl: dict[str, Any]) -> list[str]:
+    """Messages for the ``<section>.trl`` keys that duplicate a typed key of the section."""
+    spelled = {v: k for k, v in TRL_SPELLING.get(section, {}).items()}
+    return [
+        f"{section}.trl.{key} duplicates {section}.{spelled[key]} (the pass-through would silently win "
+        f"over it): set {section}.{spelled[key]} instead"
+        for key in trl
+        if key in spelled
+    ]
+
+
+# ---------------------------------------------------------------- recording reads
+
+_IGNORED_MODULES = {"manyways.config", "manyways.keyuse", "manyways.plan", "manyways.plan_estimates"}
+
+
+def config_classes(root: type[BaseModel]) -> set[type[BaseModel]]:
+    """Every pydantic model class reachable from ``root``'s field annotations."""
+    seen: set[type[BaseModel]] = set()
+    todo: list[Any] = [root]
+    while todo:
+        tp = todo.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp not in seen:
+                seen.add(tp)
+                todo += [f.annotation for f in tp.model_fields.values()]
+        else:
+            todo += list(typing.get_args(tp))
+    return seen
+
+
+@dataclass
+class Reads:
+    """Dotted paths read while recording (filled when the context exits)."""
+
+    paths: set[str] = field(default_factory=set)
+    _raw: list[tuple[Any, str]] = field(default_factory=list)
+    _roots: dict[int, Any] = field(default_factory=dict)
+
+
+def _validator_codes(classes: set[type[BaseModel]]) -> set[Any]:
+    """Code objects of the classes' pydantic validators (their reads check, they do not use)."""
+    codes = set()
+    for cls in classes:
+        decorators = cls.__pydantic_decorators__
+        for group in (decorators.model_validators, decorators.field_validators):
+            codes |= {getattr(d.func, "__code__", None) for d in group.values()}
+    return codes - {None}
+
+
+def _counted(frame: Any, validators: set[Any], depth: int = 8) -> bool:
+    """Whether a read from ``frame`` is a use: no caller within ``depth`` frames is pydantic,
+    the config's or the plan's own code, a validator, or a stage's ``stage_config`` (which
+    hashes, not uses)."""
+    while frame is not None and depth > 0:
+        module = frame.f_globals.get("__name__", "")
+        if (
+            module in _IGNORED_MODULES
+            or module.startswith("pydantic")
+            or frame.f_code.co_name == "stage_config"
+            or frame.f_code in validators
+        ):
+            return False
+        frame, depth = frame.f_back, depth - 1
+    return True
+
+
+def _paths_of(root: Any, prefix: str, out: dict[int, str]) -> None:
+    out[id(root)] = prefix
+    for name in type(root).model_fields:
+        value = object.__getattribute__(root, name)
+        children = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, child in children:
+            if isinstance(child, BaseModel):
+                path = f"{prefix}.{name}" if key is None else f"{prefix}.{name}.{key}"
+                _paths_of(child, path.lstrip("."), out)
+
+
+def _resolve(reads: Reads) -> None:
+    ids: dict[int, str] = {}
+    for root in reads._roots.values():
+        _paths_of(root, "", ids)
+    for obj, name in reads._raw:
+        if id(obj) in ids:
+            reads.paths.add(f"{ids[id(obj)]}.{name}".lstrip("."))
+
+
+@contextmanager
+def record_reads(root: type[BaseModel] | None = None) -> Iterator[Reads]:
+    """Record the config fields read inside the block (see the module docstring)."""
+    if root is None:
+        from manyways.config import Config as root
+    classes = config_classes(root)
+    reads = Reads()
+    fields = {cls: frozenset(cls.model_fields) for cls in classes}
+    validators = _validator_codes(classes)
+
+    def getattribute(self: Any, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if name in fields.get(type(self), ()) and _counted(sys._getframe(1), validators):
+            reads._raw.append((self, name))
+            if type(self) is root:
+                reads._roots[id(self)] = self
+        return value
+
+    def model_dump(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _counted(sys._getframe(1), validators):
+            reads._raw.extend((self, name) for name in fields[type(self)])
+        return BaseModel.model_dump(self, *args, **kwargs)
+
+    saved = {cls: (cls.__dict__.get("__getattribute__"), cls.__dict__.get("model_dump")) for cls in classes}
+    for cls in classes:
+        cls.__getattribute__ = getattribute  # type: ignore[method-assign]
+        cls.model_dump = model_dump  # type: ignore[method-assign]
+    try:
+        yield reads
+    finally:
+        for cls, (ga, md) in saved.items():
+            for attr, old in (("__getattribute__", ga), ("model_dump", md)):
+                if old is None:
+                    delattr(cls, attr)
+                else:
+                    setattr(cls, attr, old)
+        _resolve(reads)
+
+
+def yaml_keys(data: dict[str, Any], cfg: BaseModel) -> list[str]:
+    """The dotted keys a YAML mapping sets, down to typed leaves; a pass-through mapping
+    (``trl``, ``vllm``, ``options``) is one key."""
+    out: list[str] = []
+
+    def walk(node: dict[str, Any], obj: Any, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            child = object.__getattribute__(obj, key) if isinstance(obj, BaseModel) else obj.get(key)
+            if isinstance(value, dict) and isinstance(child, BaseModel):
+                walk(value, child, path + ".")
+            elif (
+                isinstance(value, dict)
+                and isinstance(child, dict)
+                and any(isinstance(v, BaseModel) for v in child.values())
+            ):
+                walk(value, child, path + ".")
+            else:
+                out.append(path)
+
+    walk(data, cfg, "")
+    return out
+
+
+def unread_keys(data: dict[str, Any], cfg: BaseModel, reads: Reads) -> list[str]:
+    """The keys of YAML ``data`` (validated as ``cfg``) that no recorded read touched."""
+    return [k for k in yaml_keys(data, cfg) if k not in reads.paths]
+
+
+def check_keys_read(path: str | Path, reads: Reads) -> None:
+    """Raise :class:`ConfigError` naming every key of the YAML file at ``path`` that no recorded
+    read touched (call after a run inside :func:`record_reads`)."""
+    import yaml
+
+    from manyways.config import ConfigError, load_config
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    unread = unread_keys(data, load_config(path), reads)
+    if unread:
+        raise ConfigError(f"{path}: keys no stage read (remove them or fix the code): {', '.join(unread)}")
