@@ -81,12 +81,13 @@ def test_every_key_of_the_cpu_config_is_read_by_a_run(tmp_path, tiny_model_dir, 
         f"run.root={tmp_path}",
         f"model.name={tiny_model_dir}",
         f"experiment.teacher_model={tiny_model_dir}",
+        f"score.cache_dir={tmp_path / 'scores'}",  # an empty score cache: the judge is really built
         "experiment.arms=[distill_rl]",  # the longest arm, and the one that reads teacher_model
         "data.train.size=3",
         "data.eval.arithmetic.size=2",
         "heuristics.n=1",
         "generate.samples=2",
-        "generate.max_new_tokens=8",
+        "generate.max_new_tokens=64",  # room for the fake's boxed answer
         "midtrain.max_steps=1",
         "rl.max_steps=1",
         "rl.max_completion_length=8",

@@ -72,7 +72,17 @@ def shadowed_trl_keys(section: str, trl: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------- recording reads
 
-_IGNORED_MODULES = {"manyways.config", "manyways.keyuse", "manyways.plan", "manyways.plan_estimates"}
+_RECORDERS = {"getattribute", "model_dump", "model_copy"}
+_IGNORED_MODULES = {"manyways.keyuse", "manyways.plan", "manyways.plan_estimates"}
+# the config module's plumbing (loading, dumping, hashing) reads every key without using it
+_CONFIG_PLUMBING = {
+    "to_dict",
+    "section_hash",
+    "dump_config",
+    "config_from_dict",
+    "load_config",
+    "apply_override",
+}
 
 
 def config_classes(root: type[BaseModel]) -> set[type[BaseModel]]:
@@ -97,6 +107,9 @@ class Reads:
     paths: set[str] = field(default_factory=set)
     _raw: list[tuple[Any, str]] = field(default_factory=list)
     _roots: dict[int, Any] = field(default_factory=dict)
+    _copies: dict[int, tuple[Any, Any, frozenset[str]]] = field(
+        default_factory=dict
+    )  # copy -> (copy, original, updated)
 
 
 def _validator_codes(classes: set[type[BaseModel]]) -> set[Any]:
@@ -115,9 +128,13 @@ def _counted(frame: Any, validators: set[Any], depth: int = 8) -> bool:
     hashes, not uses)."""
     while frame is not None and depth > 0:
         module = frame.f_globals.get("__name__", "")
+        if module == __name__ and frame.f_code.co_name in _RECORDERS:  # a property read inside a read
+            frame = frame.f_back
+            continue
         if (
             module in _IGNORED_MODULES
             or module.startswith("pydantic")
+            or (module == "manyways.config" and frame.f_code.co_name in _CONFIG_PLUMBING)
             or frame.f_code.co_name == "stage_config"
             or frame.f_code in validators
         ):
@@ -142,7 +159,11 @@ def _resolve(reads: Reads) -> None:
     for root in reads._roots.values():
         _paths_of(root, "", ids)
     for obj, name in reads._raw:
-        if id(obj) in ids:
+        # a model_copy(update=...) of a config object reads its original's keys, except those updated
+        while id(obj) not in ids and id(obj) in reads._copies:
+            _, original, updated = reads._copies[id(obj)]
+            obj = None if name in updated else original
+        if obj is not None and id(obj) in ids:
             reads.paths.add(f"{ids[id(obj)]}.{name}".lstrip("."))
 
 
@@ -169,19 +190,25 @@ def record_reads(root: type[BaseModel] | None = None) -> Iterator[Reads]:
             reads._raw.extend((self, name) for name in fields[type(self)])
         return BaseModel.model_dump(self, *args, **kwargs)
 
-    saved = {cls: (cls.__dict__.get("__getattribute__"), cls.__dict__.get("model_dump")) for cls in classes}
+    def model_copy(self: Any, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
+        copy = BaseModel.model_copy(self, update=update, deep=deep)
+        reads._copies[id(copy)] = (copy, self, frozenset(update or ()))
+        return copy
+
+    patches = {"__getattribute__": getattribute, "model_dump": model_dump, "model_copy": model_copy}
+    saved = {cls: {attr: cls.__dict__.get(attr) for attr in patches} for cls in classes}
     for cls in classes:
-        cls.__getattribute__ = getattribute  # type: ignore[method-assign]
-        cls.model_dump = model_dump  # type: ignore[method-assign]
+        for attr, func in patches.items():
+            setattr(cls, attr, func)
     try:
         yield reads
     finally:
-        for cls, (ga, md) in saved.items():
-            for attr, old in (("__getattribute__", ga), ("model_dump", md)):
-                if old is None:
+        for cls, old in saved.items():
+            for attr, func in old.items():
+                if func is None:
                     delattr(cls, attr)
                 else:
-                    setattr(cls, attr, old)
+                    setattr(cls, attr, func)
         _resolve(reads)
 
 
@@ -210,8 +237,17 @@ def yaml_keys(data: dict[str, Any], cfg: BaseModel) -> list[str]:
 
 
 def unread_keys(data: dict[str, Any], cfg: BaseModel, reads: Reads) -> list[str]:
-    """The keys of YAML ``data`` (validated as ``cfg``) that no recorded read touched."""
-    return [k for k in yaml_keys(data, cfg) if k not in reads.paths]
+    """The keys of YAML ``data`` (validated as ``cfg``) that no recorded read touched. A ``kind``
+    (the discriminator of sources and back-ends) counts as read when its object is: the code
+    dispatches on the object's class (``isinstance``) rather than reading the field."""
+
+    def read(key: str) -> bool:
+        if key in reads.paths:
+            return True
+        parent, _, last = key.rpartition(".")
+        return last == "kind" and any(p.startswith(parent + ".") for p in reads.paths)
+
+    return [k for k in yaml_keys(data, cfg) if not read(k)]
 
 
 def check_keys_read(path: str | Path, reads: Reads) -> None:
