@@ -112,15 +112,16 @@ def test_paper_plan_counts_follow_the_config():
     base_eval = p.runs[p.arms["base"][0].dir]
     # MATH-500 500, AIME 30 + 30, AMC23 40, HMMT 30, OlympiadBench 675, HumanEval 164, MuSR 250 + 250
     assert base_eval.estimate.samples == 1969 * 64
-    arm_eval = p.runs[dict((s.step, s.dir) for s in p.arms["polya_n4"])["evaluate"]]
+    arm_eval = p.steps("polya_n4")["evaluate"]
     assert arm_eval.estimate.samples == 2 * 1969 * 64  # mid-trained and RL models
-    budget_select = p.runs[dict((s.step, s.dir) for s in p.arms["budget_16x463"])["select"]]
+    budget_select = p.steps("budget_16x463")["select"]
     assert budget_select.estimate.count == 16 * 463
-    rl = p.runs[dict((s.step, s.dir) for s in p.arms["vanilla_rl"])["rl"]]
+    rl = p.steps("vanilla_rl")["rl"]
     assert rl.estimate.samples == plan.KNOWN_SIZES[("BytedTsinghua-SIA/DAPO-Math-17k", None, "train")] * 16
     assert p.total_gpu_hours == pytest.approx(sum(r.gpu_hours for r in runs))
     assert len({r.dir for r in runs}) == len(runs)
     assert p.arm_gpu_hours("polya_n1") > p.arm_gpu_hours("polya_n1", own_only=True)
+    assert p.table() == plan.format_plan(p) and "distill_rl" in p.table()
 
 
 def test_every_estimate_comes_from_the_assumptions():

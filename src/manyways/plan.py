@@ -108,6 +108,15 @@ class Plan:
     def arm_runs(self, arm: str) -> list[StageRun]:
         return [self.runs[s.dir] for s in self.arms[arm]]
 
+    def steps(self, arm: str) -> dict[str, StageRun]:
+        """An arm's step name (generate, ..., analyze) -> its stage run: what a rehearsal's
+        ``<run>/arms/<arm>.json`` lists, projected for the real run."""
+        return {s.step: self.runs[s.dir] for s in self.arms[arm]}
+
+    def table(self) -> str:
+        """The text ``--plan`` prints (:func:`format_plan`)."""
+        return format_plan(self)
+
     def arm_gpu_hours(self, arm: str, *, own_only: bool = False) -> float:
         """GPU-hours of an arm's stage runs (all of them, or only those no other arm uses)."""
         return sum(r.gpu_hours for r in self.arm_runs(arm) if not (own_only and r.shared))
