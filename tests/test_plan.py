@@ -174,3 +174,11 @@ def test_sizes_come_from_files_presets_and_limits(tmp_path):
     assert model_params("meta-llama/Llama-3.1-8B", 1.0) == 8e9
     assert model_params("smollm2-135m-instruct", 1.0) == 135e6
     assert model_params("runs/x/stages/midtrain-abc/model", 3.0) == 3.0
+
+
+def test_a_stage_without_an_estimator_is_shown_not_costed(caplog):
+    from manyways.plan_estimates import estimate_stage
+
+    cfg = load_config(None)
+    est = estimate_stage("contamination", cfg, "polya_n4", {}, plan.source_size)
+    assert est.gpu_hours == 0 and "no estimate" in est.what and "contamination" in caplog.text
