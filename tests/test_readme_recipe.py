@@ -124,6 +124,33 @@ def test_every_recipe_command_names_what_exists():
     assert problems == {}
 
 
+def _run_invocations(line: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(config, overrides) of each manyways command in ``line`` that writes a run's config."""
+    out = []
+    for part in re.split(r"\s*(?:&&|\|\||;|\|)\s*", line):
+        tokens = shlex.split(part)
+        argv = tokens[tokens.index("manyways.cli") + 1 :] if "manyways.cli" in tokens else None
+        argv = tokens[tokens.index("manyways") + 1 :] if argv is None and "manyways" in tokens else argv
+        if not argv:
+            continue
+        args, extra = cli.build_parser().parse_known_args(argv)
+        if getattr(args, "config", None) and not getattr(args, "plan", False):
+            out.append((args.config, tuple(sorted([*args.overrides, *extra]))))
+    return out
+
+
+def test_recipe_commands_of_one_run_agree_on_the_config():
+    """A run refuses a command whose config differs from the one it started with, so the
+    recipe's commands on one config file must pass the same overrides."""
+    lines = shell_lines(recipe_section((ROOT / "README.md").read_text()))
+    seen: dict[str, set[tuple[str, ...]]] = {}
+    for line in lines:
+        for config, overrides in _run_invocations(line):
+            seen.setdefault(config, set()).add(overrides)
+    assert seen and all(len(v) == 1 for v in seen.values()), seen
+    assert len(_run_invocations("manyways generate c.yaml a.b=1 && manyways verify c.yaml")) == 2
+
+
 def test_recipe_installs_what_the_config_needs():
     install = next(
         line
