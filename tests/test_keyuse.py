@@ -111,3 +111,23 @@ def test_every_key_of_the_cpu_config_is_read_by_a_run(tmp_path, tiny_model_dir, 
         cfg = load_config(path, overrides)
         experiment.run_experiment(cfg, show_progress=False)
     check_keys_read(path, reads)
+
+
+def test_reads_in_another_process_are_recorded_through_the_environment(tmp_path):
+    """accelerate ranks and Ray workers are other processes: $MANYWAYS_RECORD_READS makes each
+    write what it read, and reads_from_dir merges them."""
+    import os
+    import subprocess
+    import sys
+
+    from manyways.keyuse import ENV_VAR, reads_from_dir
+
+    code = (
+        "from manyways.config import load_config\n"
+        f"cfg = load_config({str(ROOT / 'configs' / 'tiny_cpu.yaml')!r})\n"
+        "cfg.rl.num_generations; cfg.run_dir\n"
+    )
+    env = {**os.environ, ENV_VAR: str(tmp_path / "reads"), "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    reads = reads_from_dir(tmp_path / "reads")
+    assert {"rl.num_generations", "run.root"} <= reads.paths and "rl.max_steps" not in reads.paths

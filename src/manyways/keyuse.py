@@ -17,9 +17,13 @@ Reads inside other processes (Ray actors) are not seen: record a run with the lo
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import sys
+import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +109,12 @@ class Reads:
     """Dotted paths read while recording (filled when the context exits)."""
 
     paths: set[str] = field(default_factory=set)
-    _raw: list[tuple[Any, str]] = field(default_factory=list)
+    _raw: dict[tuple[int, str], Any] = field(default_factory=dict)  # (id, field) -> object read
     _roots: dict[int, Any] = field(default_factory=dict)
     _copies: dict[int, tuple[Any, Any, frozenset[str]]] = field(
         default_factory=dict
     )  # copy -> (copy, original, updated)
+    on_new: Callable[[], None] | None = None  # called after each first read of a field
 
 
 def _validator_codes(classes: set[type[BaseModel]]) -> set[Any]:
@@ -154,17 +159,20 @@ def _paths_of(root: Any, prefix: str, out: dict[int, str]) -> None:
                 _paths_of(child, path.lstrip("."), out)
 
 
-def _resolve(reads: Reads) -> None:
+def _resolved(reads: Reads) -> set[str]:
+    """The dotted paths of the recorded reads (objects mapped through their Config roots)."""
     ids: dict[int, str] = {}
-    for root in reads._roots.values():
+    for root in list(reads._roots.values()):
         _paths_of(root, "", ids)
-    for obj, name in reads._raw:
+    paths = set()
+    for (_, name), obj in list(reads._raw.items()):
         # a model_copy(update=...) of a config object reads its original's keys, except those updated
         while id(obj) not in ids and id(obj) in reads._copies:
             _, original, updated = reads._copies[id(obj)]
             obj = None if name in updated else original
         if obj is not None and id(obj) in ids:
-            reads.paths.add(f"{ids[id(obj)]}.{name}".lstrip("."))
+            paths.add(f"{ids[id(obj)]}.{name}".lstrip("."))
+    return paths
 
 
 @contextmanager
@@ -180,14 +188,17 @@ def record_reads(root: type[BaseModel] | None = None) -> Iterator[Reads]:
     def getattribute(self: Any, name: str) -> Any:
         value = object.__getattribute__(self, name)
         if name in fields.get(type(self), ()) and _counted(sys._getframe(1), validators):
-            reads._raw.append((self, name))
+            if (id(self), name) not in reads._raw:
+                reads._raw[(id(self), name)] = self
+                if reads.on_new is not None:
+                    reads.on_new()
             if type(self) is root:
                 reads._roots[id(self)] = self
         return value
 
     def model_dump(self: Any, *args: Any, **kwargs: Any) -> Any:
         if _counted(sys._getframe(1), validators):
-            reads._raw.extend((self, name) for name in fields[type(self)])
+            reads._raw.update({(id(self), name): self for name in fields[type(self)]})
         return BaseModel.model_dump(self, *args, **kwargs)
 
     def model_copy(self: Any, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
@@ -209,7 +220,7 @@ def record_reads(root: type[BaseModel] | None = None) -> Iterator[Reads]:
                     delattr(cls, attr)
                 else:
                     setattr(cls, attr, func)
-        _resolve(reads)
+        reads.paths |= _resolved(reads)
 
 
 def yaml_keys(data: dict[str, Any], cfg: BaseModel) -> list[str]:
@@ -261,3 +272,43 @@ def check_keys_read(path: str | Path, reads: Reads) -> None:
     unread = unread_keys(data, load_config(path), reads)
     if unread:
         raise ConfigError(f"{path}: keys no stage read (remove them or fix the code): {', '.join(unread)}")
+
+
+# ---------------------------------------------------------------- other processes
+
+ENV_VAR = "MANYWAYS_RECORD_READS"
+_ENV_RECORDING: list[Any] = []  # the one recording of this process, when started from the env
+
+
+def record_from_env() -> bool:
+    """When ``$MANYWAYS_RECORD_READS`` names a directory, record this process's reads into
+    ``<dir>/reads-<pid>.json`` (rewritten at most once a second and at exit), so that reads in
+    subprocesses (accelerate ranks, Ray workers) count too. Called by ``import manyways``."""
+    directory = os.environ.get(ENV_VAR)
+    if not directory or _ENV_RECORDING:
+        return False
+    context = record_reads()
+    reads = context.__enter__()
+    target = Path(directory) / f"reads-{os.getpid()}.json"
+    last = [0.0]
+
+    def flush(force: bool = False) -> None:
+        if force or time.monotonic() - last[0] > 1.0:
+            last[0] = time.monotonic()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sorted(_resolved(reads))))
+            os.replace(tmp, target)
+
+    reads.on_new = flush
+    _ENV_RECORDING.append(context)
+    atexit.register(flush, True)
+    return True
+
+
+def reads_from_dir(directory: str | Path) -> Reads:
+    """The union of the reads recorded by every process into ``directory``."""
+    reads = Reads()
+    for path in sorted(Path(directory).glob("reads-*.json")):
+        reads.paths |= set(json.loads(path.read_text()))
+    return reads
