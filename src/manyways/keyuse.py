@@ -12,7 +12,15 @@ Two checks:
   key the YAML file sets must be among them. Pass-through mappings (``trl``, ``vllm``,
   ``options``) count as read when the mapping is; their keys are the receiving library's.
 
-Reads inside other processes (Ray actors) are not seen: record a run with the local executor.
+Other processes (accelerate ranks, Ray workers) record their own reads when
+``$MANYWAYS_RECORD_READS`` names a directory (:func:`record_from_env`, started by ``import
+manyways``); :func:`reads_from_dir` merges them. The rehearsal's check::
+
+    os.environ[ENV_VAR] = str(workdir / "reads")   # before starting Ray / accelerate
+    with record_reads() as reads:
+        ... run the experiment ...
+    reads.paths |= reads_from_dir(workdir / "reads").paths
+    check_keys_read("configs/paper_llama3b.yaml", reads)
 """
 
 from __future__ import annotations
