@@ -129,5 +129,10 @@ def test_reads_in_another_process_are_recorded_through_the_environment(tmp_path)
     )
     env = {**os.environ, ENV_VAR: str(tmp_path / "reads"), "PYTHONPATH": str(ROOT / "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    # a worker killed without atexit (os._exit) still left its reads, written a second after them
+    killed = code + "cfg.evaluate.samples\nimport os, time\ntime.sleep(3)\nos._exit(0)\n"
+    subprocess.run([sys.executable, "-c", killed], check=True, env=env, timeout=120)
+    assert len(list((tmp_path / "reads").glob("reads-*.json"))) == 2
     reads = reads_from_dir(tmp_path / "reads")
-    assert {"rl.num_generations", "run.root"} <= reads.paths and "rl.max_steps" not in reads.paths
+    assert {"rl.num_generations", "run.root", "evaluate.samples"} <= reads.paths
+    assert "rl.max_steps" not in reads.paths

@@ -29,6 +29,7 @@ import atexit
 import json
 import os
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -290,7 +291,7 @@ _ENV_RECORDING: list[Any] = []  # the one recording of this process, when starte
 
 def record_from_env() -> bool:
     """When ``$MANYWAYS_RECORD_READS`` names a directory, record this process's reads into
-    ``<dir>/reads-<pid>.json`` (rewritten at most once a second and at exit), so that reads in
+    ``<dir>/reads-<pid>.json`` (a second after new reads, and at exit), so that reads in
     subprocesses (accelerate ranks, Ray workers) count too. Called by ``import manyways``."""
     directory = os.environ.get(ENV_VAR)
     if not directory or _ENV_RECORDING:
@@ -298,19 +299,26 @@ def record_from_env() -> bool:
     context = record_reads()
     reads = context.__enter__()
     target = Path(directory) / f"reads-{os.getpid()}.json"
-    last = [0.0]
+    dirty, lock = threading.Event(), threading.Lock()
 
-    def flush(force: bool = False) -> None:
-        if force or time.monotonic() - last[0] > 1.0:
-            last[0] = time.monotonic()
+    def flush() -> None:
+        with lock:
+            dirty.clear()
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(sorted(_resolved(reads))))
             os.replace(tmp, target)
 
-    reads.on_new = flush
+    def flusher() -> None:  # a worker killed without running atexit loses at most a second
+        while True:
+            dirty.wait()
+            time.sleep(1.0)
+            flush()
+
+    reads.on_new = dirty.set
     _ENV_RECORDING.append(context)
-    atexit.register(flush, True)
+    threading.Thread(target=flusher, name="manyways-keyuse", daemon=True).start()
+    atexit.register(flush)
     return True
 
 
