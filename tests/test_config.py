@@ -77,8 +77,8 @@ def test_paper_recipe_passes_only_real_trl_options(repo_root):
 
     cfg = load_config(repo_root / "configs/paper_llama3b.yaml")
     assert cfg.model.name == "meta-llama/Llama-3.2-3B-Instruct"
-    assert cfg.rl.trl["num_generations"] == 16 and cfg.rl.trl["max_completion_length"] == 3072
-    assert cfg.rl.trl["beta"] == 0.0 and cfg.evaluate.samples == 64
+    assert cfg.rl.num_generations == 16 and cfg.rl.max_completion_length == 3072
+    assert cfg.rl.beta == 0.0 and cfg.evaluate.samples == 64 and cfg.midtrain.max_length == 2048
     for section, trl_cls in ((cfg.midtrain.trl, SFTConfig), (cfg.rl.trl, GRPOConfig)):
         fields = {f.name for f in dataclasses.fields(trl_cls)}
         assert set(section) <= fields, sorted(set(section) - fields)

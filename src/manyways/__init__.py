@@ -6,3 +6,10 @@ generate -> verify -> score -> select -> midtrain -> rl -> evaluate -> analyze -
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+if _os.environ.get("MANYWAYS_RECORD_READS"):  # which config keys this process reads (manyways.keyuse)
+    from manyways.keyuse import record_from_env
+
+    record_from_env()

@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_config_args(sub.add_parser(name, help=f"run the {name} stage"))
     _add_config_args(sub.add_parser("pipeline", help="run every stage of one arm in order"))
-    _add_config_args(sub.add_parser("experiment", help="run every arm of the config and compare them"))
+    exp_run = sub.add_parser("experiment", help="run every arm of the config and compare them")
+    _add_config_args(exp_run)
+    exp_run.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each arm's stages, sizes, tokens and GPU-hours; run nothing",
+    )
 
     peek = sub.add_parser("peek", help="answer a few problems under two heuristics and verify them")
     _add_config_args(peek)
@@ -145,6 +151,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(manifest["summary"])
     elif args.command == "pipeline":
         pipeline.run_all(cfg, overwrite=args.overwrite, show_progress=progress)
+    elif args.command == "experiment" and args.plan:
+        from manyways.plan import format_plan, project
+
+        print(format_plan(project(cfg)))
     elif args.command == "experiment":
         from manyways.experiment import run_experiment
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from manyways.backends.config import BackendConfig
 from manyways.data.sources import GymSource, ProblemSource
+from manyways.keyuse import shadowed_trl_keys
 from manyways.models import DEFAULT_MODEL
 
 
@@ -174,6 +175,12 @@ class MidtrainSection(Section):
         default_factory=dict, description="Passed to trl.SFTConfig untouched, over our defaults."
     )
 
+    @model_validator(mode="after")
+    def _trl_shadows_no_key(self) -> MidtrainSection:
+        if problems := shadowed_trl_keys("midtrain", self.trl):
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class RLSection(Section):
     format_reward: float = Field(0.0, ge=0, description="Weight of a \\boxed{} format reward; 0 = off.")
@@ -216,6 +223,12 @@ class RLSection(Section):
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.GRPOConfig untouched, over our defaults."
     )
+
+    @model_validator(mode="after")
+    def _trl_shadows_no_key(self) -> RLSection:
+        if problems := shadowed_trl_keys("rl", self.trl):
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class EvaluateSection(Section):
