@@ -70,6 +70,10 @@ BY_DESIGN: dict[str, str] = {
     "test_strict.py::test_strict_variable_comparison[1]": (
         "the case turns strict off (f(x) equals f(y)); verify_math keeps strict variable comparison"
     ),
+    "test_numina_cases.py::test_numina_cases[24]": (
+        "the released gold is truncated (its `\\boxed{` never closes): verify_math says bad_gold, a "
+        "truncated gold is never gradable; math-verify closes the brace itself"
+    ),
     "test_yujianll.py::test_string_extraction[9]": (
         "1 - 1/e and 1 + 1/e differ; the released case records math-verify accepting them, "
         "verify_math says incorrect (regression case one_minus_inv_e)"
@@ -260,7 +264,10 @@ def test_conformance_table(cases: list[Case]) -> None:
 
 def markdown(table: Table) -> str:
     """The table as README lines."""
-    lines = [f"{table.agree} of {table.cases} released cases agree; {len(table.disagree)} differ by design:", ""]
+    lines = [
+        f"{table.agree} of {table.cases} released cases agree; {len(table.disagree)} differ by design:",
+        "",
+    ]
     reasons: dict[str, list[str]] = {}
     for case_id in sorted(table.disagree):
         reasons.setdefault(BY_DESIGN.get(case_id, "NOT LISTED"), []).append(case_id)

@@ -10,8 +10,12 @@ Each worker is a fresh interpreter started with ``python -m manyways.verify.pool
 semantics, but without multiprocessing's re-import of the caller's ``__main__``, which fails for
 ``python -`` / notebooks and re-runs unguarded scripts); requests and replies are pickled over
 its stdin/stdout with :class:`multiprocessing.connection.Connection`. A worker exits when its
-parent disappears. The pool is safe to use from many threads: each call borrows one idle worker;
-a call waits for a worker without a limit, and ``timeout_s`` bounds only the check itself.
+parent disappears. The pool is safe to use from many threads: each call borrows one idle worker.
+``timeout_s`` is a deadline from the call: waiting for a free worker (queueing behind other
+calls, or for the replacement of a killed worker to start) and the check itself both count; a call
+that cannot get a ready worker in time returns ``timeout`` without running (counted in
+``queue_timeouts``). Only the pool's first start (importing the task's modules, once per pool) is
+not counted; ``start(wait=True)`` pays it up front.
 
 Pool size: ``MANYWAYS_VERIFY_WORKERS`` (default 1, because the machines this runs on have two
 cores and generation needs the other). Pools are shut down at interpreter exit.
@@ -91,7 +95,7 @@ def _serve_stdio(task: str, preload_csv: str) -> None:
 class _Worker:
     """One worker process (a fresh interpreter, like ``spawn``) and the parent's pipe ends."""
 
-    def __init__(self, task: str, preload: tuple[str, ...]) -> None:
+    def __init__(self, task: str, preload: tuple[str, ...], initial: bool = False) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_DIR, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
@@ -107,9 +111,10 @@ class _Worker:
         self.proc.stdin.close()
         self.proc.stdout.close()
         self.ready = False
+        self.initial = initial
 
-    def wait_ready(self) -> bool:
-        if not self.ready and self.conn_in.poll(STARTUP_TIMEOUT_S):
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
+        if not self.ready and self.conn_in.poll(max(timeout_s, 0.0)):
             self.ready = self.conn_in.recv() == _READY
         return self.ready
 
@@ -134,13 +139,14 @@ class WorkerPool:
         self._started = False
         self._closed = False
         self.kills = 0
+        self.queue_timeouts = 0
 
     def start(self, wait: bool = False) -> None:
         """Start the workers (idempotent); with ``wait`` block until all are ready."""
         with self._lock:
             if not self._started:
                 for _ in range(self.size):
-                    self._idle.put(_Worker(self.task, self.preload))
+                    self._idle.put(_Worker(self.task, self.preload, initial=True))
                 self._started = True
                 self._closed = False
                 atexit.register(self.shutdown)
@@ -151,14 +157,28 @@ class WorkerPool:
                 self._idle.put(worker)
 
     def call(self, args: tuple[Any, ...], timeout_s: float) -> tuple[str, Any]:
-        """Run the task on ``args``: ("ok", result), ("timeout", None) or ("error", message)."""
+        """Run the task on ``args``: ("ok", result), ("timeout", None) or ("error", message);
+        returns within ``timeout_s`` of the call (see the module docstring)."""
         self.start()
-        worker = self._idle.get()
+        deadline = time.monotonic() + timeout_s
         try:
-            if not worker.wait_ready():
-                raise RuntimeError("worker failed to start")
+            worker = self._idle.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            return self._queue_timeout(timeout_s)
+        try:
+            if worker.initial and not worker.ready:  # the pool's first start: not the check's time
+                started = time.monotonic()
+                if not worker.wait_ready():
+                    raise RuntimeError("worker failed to start")
+                deadline += time.monotonic() - started
+            elif not worker.wait_ready(deadline - time.monotonic()):
+                self._idle.put(worker)  # still starting: the next call waits on it
+                return self._queue_timeout(timeout_s)
+            if deadline <= time.monotonic():  # ready, but no time left to run the check
+                self._release(worker)
+                return self._queue_timeout(timeout_s)
             worker.conn_out.send(args)
-            if worker.conn_in.poll(timeout_s):
+            if worker.conn_in.poll(max(deadline - time.monotonic(), 0.0)):
                 result = worker.conn_in.recv()
                 self._release(worker)
                 return result
@@ -170,6 +190,12 @@ class WorkerPool:
         self._replace(worker)
         return ("timeout", None)
 
+    def _queue_timeout(self, timeout_s: float) -> tuple[str, Any]:
+        with self._lock:
+            self.queue_timeouts += 1
+        log.info("no worker became free within %.1fs; the check did not run", timeout_s)
+        return ("timeout", None)
+
     def _release(self, worker: _Worker) -> None:
         if self._closed:
             worker.kill()
@@ -177,11 +203,25 @@ class WorkerPool:
             self._idle.put(worker)
 
     def _replace(self, worker: _Worker) -> None:
-        """Kill ``worker`` and put a fresh one in the idle queue."""
+        """Kill ``worker``; a fresh one joins the idle queue once it has started (so a call never
+        borrows a worker that is still importing, and its deadline covers waiting for one)."""
         self.kills += 1
         worker.kill()
         if not self._closed:
-            self._idle.put(_Worker(self.task, self.preload))
+            fresh = _Worker(self.task, self.preload)
+            threading.Thread(target=self._admit, args=(fresh,), daemon=True).start()
+
+    def _admit(self, worker: _Worker) -> None:
+        try:
+            worker.wait_ready()
+        except (OSError, EOFError) as exc:  # a call on it reports the failure and replaces it
+            log.warning("verify worker failed to start (%s)", exc)
+        with self._lock:
+            closed = self._closed
+        if closed:
+            worker.kill()
+        else:
+            self._idle.put(worker)
 
     def call_many(self, arg_list: list[tuple[Any, ...]], timeout_s: float) -> list[tuple[str, Any]]:
         """Fan ``arg_list`` out over all workers; results in input order."""
