@@ -110,6 +110,16 @@ def _close(text: str, start: int, stop: int) -> int | None:
     return None
 
 
+def _last_box(text: str) -> tuple[bool, str | None]:
+    """(found a box, content of the last box); content None when the last box never closes.
+    (The multiple-choice verifier reads only the last box.)"""
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return False, None
+    close = _close(text, matches[-1].end(), len(text))
+    return True, None if close is None else text[matches[-1].end() : close]
+
+
 def _final_boxes(text: str) -> tuple[bool, list[str] | None, int]:
     """(found a box, contents of the final answer's boxes, end of the last box).
 
