@@ -244,6 +244,7 @@ def test_every_released_case_is_read(cases: list[Case]) -> None:
     assert by_file == {"test_open_thoughts.py": 29}
 
 
+@pytest.mark.slow
 def test_plain_math_verify_passes_its_released_cases(cases: list[Case]) -> None:
     failing = [c.case_id for c in cases if plain_math_verify(c) != c.expected]
     assert failing == []
@@ -255,6 +256,7 @@ def test_by_design_reasons_name_real_cases(cases: list[Case]) -> None:
     assert all(len(reason) > 20 for reason in BY_DESIGN.values())
 
 
+@pytest.mark.slow
 def test_conformance_table(cases: list[Case]) -> None:
     table = conformance_table(cases)
     assert set(table.disagree) == set(BY_DESIGN), sorted(set(table.disagree) ^ set(BY_DESIGN))

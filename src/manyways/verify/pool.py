@@ -62,7 +62,10 @@ def _worker_main(task: str, preload: tuple[str, ...], conn_in: Connection, conn_
     for module_name in preload:
         importlib.import_module(module_name)
     func = _resolve(task)
-    conn_out.send(_READY)
+    try:
+        conn_out.send(_READY)
+    except OSError:  # the pool was shut down while this worker started
+        return
     while True:
         try:
             args = conn_in.recv()
@@ -140,6 +143,7 @@ class WorkerPool:
         self._closed = False
         self.kills = 0
         self.queue_timeouts = 0
+        self._booting: set[_Worker] = set()
 
     def start(self, wait: bool = False) -> None:
         """Start the workers (idempotent); with ``wait`` block until all are ready."""
@@ -207,17 +211,22 @@ class WorkerPool:
         borrows a worker that is still importing, and its deadline covers waiting for one)."""
         self.kills += 1
         worker.kill()
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             fresh = _Worker(self.task, self.preload)
-            threading.Thread(target=self._admit, args=(fresh,), daemon=True).start()
+            self._booting.add(fresh)
+        threading.Thread(target=self._admit, args=(fresh,), daemon=True).start()
 
     def _admit(self, worker: _Worker) -> None:
         try:
             worker.wait_ready()
         except (OSError, EOFError) as exc:  # a call on it reports the failure and replaces it
-            log.warning("verify worker failed to start (%s)", exc)
+            if not self._closed:
+                log.warning("verify worker failed to start (%s)", exc)
         with self._lock:
             closed = self._closed
+            self._booting.discard(worker)
         if closed:
             worker.kill()
         else:
@@ -236,6 +245,10 @@ class WorkerPool:
         with self._lock:
             self._closed = True
             self._started = False
+            booting, self._booting = self._booting, set()
+        for worker in booting:
+            worker.kill()
+        with self._lock:
             while True:
                 try:
                     worker = self._idle.get_nowait()
