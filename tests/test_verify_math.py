@@ -9,11 +9,14 @@ both must give the expected status.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 
 from manyways.verify import math as vmath
 from manyways.verify import verify_math, verify_math_batch
+from manyways.verify.pool import WorkerPool
 
 BIG = "Let me think step by step. " * 4000
 CASES = [
@@ -489,6 +493,54 @@ def test_timeout_is_a_deadline_from_the_call_queueing_included() -> None:
     finally:
         pool.shutdown()
         vmath.reset_pool()
+
+
+def _nap_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, import_s: float) -> WorkerPool:
+    """A one-worker pool whose task sleeps for its argument; importing it takes ``import_s``."""
+    (tmp_path / "naptask.py").write_text(
+        f"import time\ntime.sleep({import_s})\n\ndef nap(s):\n    time.sleep(s)\n    return s\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return WorkerPool("naptask:nap", workers=1)
+
+
+def _threads(fn: Callable[[int], object], n: int) -> list[tuple[float, object]]:
+    results: list[tuple[float, object]] = [(0.0, None)] * n
+
+    def run(i: int) -> None:
+        start = time.monotonic()
+        out = fn(i)
+        results[i] = (time.monotonic() - start, out)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_pool_deadline_includes_queueing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _nap_pool(tmp_path, monkeypatch, 0.0)
+    try:
+        pool.start(wait=True)
+        results = _threads(lambda i: pool.call((30.0,), 1.0), 6)
+        assert [out for _, out in results] == [("timeout", None)] * 6
+        assert max(elapsed for elapsed, _ in results) < 2 * 1.0
+        assert pool.kills >= 1 and pool.kills + pool.queue_timeouts == 6
+        pool.start(wait=True)  # the replacement has started
+        assert pool.call((0.0,), 5.0) == ("ok", 0.0)
+    finally:
+        pool.shutdown()
+
+
+def test_pool_first_start_is_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _nap_pool(tmp_path, monkeypatch, 2.0)  # importing the task takes longer than the timeout
+    try:
+        results = _threads(lambda i: pool.call((0.0,), 1.0), 3)
+        assert [out for _, out in results] == [("ok", 0.0)] * 3
+    finally:
+        pool.shutdown()
 
 
 def test_threads_get_the_same_verdicts_as_sequential_calls() -> None:

@@ -14,8 +14,9 @@ parent disappears. The pool is safe to use from many threads: each call borrows 
 ``timeout_s`` is a deadline from the call: waiting for a free worker (queueing behind other
 calls, or for the replacement of a killed worker to start) and the check itself both count; a call
 that cannot get a ready worker in time returns ``timeout`` without running (counted in
-``queue_timeouts``). Only the pool's first start (importing the task's modules, once per pool) is
-not counted; ``start(wait=True)`` pays it up front.
+``queue_timeouts``). Workers join the idle queue only once started. Only the pool's first start
+(until its first worker has imported the task's modules) is not counted; ``start(wait=True)``
+pays it up front.
 
 Pool size: ``MANYWAYS_VERIFY_WORKERS`` (default 1, because the machines this runs on have two
 cores and generation needs the other). Pools are shut down at interpreter exit.
@@ -98,7 +99,7 @@ def _serve_stdio(task: str, preload_csv: str) -> None:
 class _Worker:
     """One worker process (a fresh interpreter, like ``spawn``) and the parent's pipe ends."""
 
-    def __init__(self, task: str, preload: tuple[str, ...], initial: bool = False) -> None:
+    def __init__(self, task: str, preload: tuple[str, ...]) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_DIR, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
@@ -114,7 +115,6 @@ class _Worker:
         self.proc.stdin.close()
         self.proc.stdout.close()
         self.ready = False
-        self.initial = initial
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
         if not self.ready and self.conn_in.poll(max(timeout_s, 0.0)):
@@ -144,39 +144,43 @@ class WorkerPool:
         self.kills = 0
         self.queue_timeouts = 0
         self._booting: set[_Worker] = set()
+        self._warm = threading.Event()  # set once the first worker of a start is ready
 
     def start(self, wait: bool = False) -> None:
         """Start the workers (idempotent); with ``wait`` block until all are ready."""
         with self._lock:
             if not self._started:
-                for _ in range(self.size):
-                    self._idle.put(_Worker(self.task, self.preload, initial=True))
                 self._started = True
                 self._closed = False
+                self._warm.clear()
+                for _ in range(self.size):
+                    self._boot()
                 atexit.register(self.shutdown)
         if wait:
             workers = [self._idle.get() for _ in range(self.size)]
             for worker in workers:
-                worker.wait_ready()
                 self._idle.put(worker)
+
+    def _boot(self) -> None:
+        """Start a worker (call with the lock held); it joins the idle queue once it is ready, so a
+        call never borrows a worker that is still importing."""
+        worker = _Worker(self.task, self.preload)
+        self._booting.add(worker)
+        threading.Thread(target=self._admit, args=(worker,), daemon=True).start()
 
     def call(self, args: tuple[Any, ...], timeout_s: float) -> tuple[str, Any]:
         """Run the task on ``args``: ("ok", result), ("timeout", None) or ("error", message);
         returns within ``timeout_s`` of the call (see the module docstring)."""
         self.start()
+        self._warm.wait(STARTUP_TIMEOUT_S)  # the pool's first start is not the check's time
         deadline = time.monotonic() + timeout_s
         try:
             worker = self._idle.get(timeout=max(timeout_s, 0.0))
         except queue.Empty:
             return self._queue_timeout(timeout_s)
         try:
-            if worker.initial and not worker.ready:  # the pool's first start: not the check's time
-                started = time.monotonic()
-                if not worker.wait_ready():
-                    raise RuntimeError("worker failed to start")
-                deadline += time.monotonic() - started
-            elif not worker.wait_ready(deadline - time.monotonic()):
-                self._idle.put(worker)  # still starting: the next call waits on it
+            if not worker.wait_ready(0.0):  # admitted workers are ready, or failed (EOF raises)
+                self._idle.put(worker)
                 return self._queue_timeout(timeout_s)
             if deadline <= time.monotonic():  # ready, but no time left to run the check
                 self._release(worker)
@@ -207,16 +211,12 @@ class WorkerPool:
             self._idle.put(worker)
 
     def _replace(self, worker: _Worker) -> None:
-        """Kill ``worker``; a fresh one joins the idle queue once it has started (so a call never
-        borrows a worker that is still importing, and its deadline covers waiting for one)."""
+        """Kill ``worker`` and start a fresh one (calls waiting meanwhile count it in their deadline)."""
         self.kills += 1
         worker.kill()
         with self._lock:
-            if self._closed:
-                return
-            fresh = _Worker(self.task, self.preload)
-            self._booting.add(fresh)
-        threading.Thread(target=self._admit, args=(fresh,), daemon=True).start()
+            if not self._closed:
+                self._boot()
 
     def _admit(self, worker: _Worker) -> None:
         try:
@@ -231,6 +231,7 @@ class WorkerPool:
             worker.kill()
         else:
             self._idle.put(worker)
+            self._warm.set()
 
     def call_many(self, arg_list: list[tuple[Any, ...]], timeout_s: float) -> list[tuple[str, Any]]:
         """Fan ``arg_list`` out over all workers; results in input order."""
