@@ -342,18 +342,16 @@ def test_multi_box_rule() -> None:
 
 def test_huge_numbers_never_raise() -> None:
     huge = "9" * 300_000
-    for fast_path in (True, False):
-        verdict = verify_math("5", f"The answer is \\boxed{{{huge}}}", fast_path=fast_path, timeout_s=5)
-        assert verdict.status in ("incorrect", "no_answer", "timeout", "error"), verdict
-    assert verify_math("5", f"\\boxed{{{huge}}}").status == "incorrect"
+    assert verify_math("5", f"The answer is \\boxed{{{huge}}}").status == "incorrect"  # exact, in-process
     assert verify_math(huge, f"\\boxed{{{huge}}}").status == "correct"
     assert verify_math("1" + "0" * 5000, "\\boxed{0" + "1" + "0" * 5000 + "}").status == "correct"
     assert verify_math("-1" + "0" * 5000, "\\boxed{1" + "0" * 5000 + "}").status == "incorrect"
-    assert verify_math(f"{huge}.5", f"\\boxed{{{huge}}}", timeout_s=5).status in (
-        "incorrect",
-        "timeout",
-        "error",
-    )
+    try:  # through math-verify (too slow for it: the worker is killed) and a non-integer
+        for gold, fast_path in (("5", False), (f"{huge}.5", True)):
+            verdict = verify_math(gold, f"\\boxed{{{huge}}}", fast_path=fast_path, timeout_s=2)
+            assert verdict.status in ("incorrect", "no_answer", "timeout", "error"), verdict
+    finally:
+        vmath.reset_pool()  # later tests do not wait for the killed worker's replacement
 
 
 _HOSTILE = st.sampled_from(
