@@ -412,7 +412,14 @@ _HOSTILE = st.sampled_from(
 )
 _HOSTILE_TEXT = st.one_of(st.lists(_HOSTILE, max_size=12).map("".join), st.text(max_size=40), _HOSTILE)
 _HUGE = st.sampled_from(
-    ["9" * 5000, "-" + "1" * 4400, "0" * 4301 + "1", "1" + "0" * 1200 + ".5", "7" * 5000 + "/3"]
+    [
+        "9" * 5000,
+        "-" + "1" * 4400,
+        "0" * 4301 + "1",
+        "1" + "0" * 1200 + ".5",
+        "7" * 5000 + "/3",
+        "9" * 5000 + " cm",
+    ]
 )
 _HOSTILE_RESPONSE = st.one_of(
     _HOSTILE_TEXT,
