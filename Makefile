@@ -32,6 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
 MATH_VERIFY_VERSION := $(shell sed -n 's/^math-verify==//p' constraints.txt)
 SDIST_DIR := .cache/sdist
 MATH_VERIFY_SDIST := $(SDIST_DIR)/math_verify-$(MATH_VERIFY_VERSION).tar.gz
+export MANYWAYS_SDIST_DIR := $(abspath $(SDIST_DIR))
 
 $(MATH_VERIFY_SDIST): constraints.txt | $(VENV)/.installed
 	$(PIP) download -q --no-binary :all: --no-deps -d $(SDIST_DIR) math-verify==$(MATH_VERIFY_VERSION)
