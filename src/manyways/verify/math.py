@@ -1,23 +1,32 @@
 """Hang-proof math answer checking built on math-verify.
 
-``verify_math(gold, response)`` reads the model's final answer (the LAST complete ``\\boxed{}``,
-else a final "answer is ..." / "Answer: ..." / "#### ..." statement), normalises both strings
-(``$``, ``\\text{}``, ``**bold**``, unambiguous thousands separators, a trailing period, trailing
-unit words after a number), then decides:
+``verify_math(gold, response)`` reads the model's final answer (:mod:`manyways.verify.answer`: the
+last complete ``\\boxed{}`` together with the boxes just before it that form one answer with it,
+e.g. ``\\boxed{1} and \\boxed{2}``, read as the list ``1, 2``; a "final answer is $...$" statement
+after the last box; else a final "answer is ..." / "Answer: ..." / "#### ..." statement),
+normalises both strings (``$``, ``\\text{}``, ``**bold**``, unambiguous thousands separators
+including LaTeX's ``,\\!`` and ``{,}`` (a first group of 0 is never one: ``0,125`` is not 125), a
+trailing period, trailing unit words after a number), then decides:
 
-1. no answer read -> ``no_answer``; empty gold -> ``bad_gold``;
+1. no answer read, or an answer whose braces do not balance -> ``no_answer``; empty gold or a
+   gold whose braces do not balance (a truncated ``\\frac{1}{2``) -> ``bad_gold``;
 2. identical normalised strings -> ``correct``;
 3. a counted pre-filter: power towers (exponents nested three deep, e.g. ``10^{10^{10^{10}}}``)
    -> ``timeout`` without trying (see :func:`prefilter_counts`);
 4. the exact fast path, in the caller: both sides plain integers / decimals / simple fractions
-   -> compared with :class:`fractions.Fraction`; both sides one exact form (non-negative integer
+   -> compared with :class:`fractions.Fraction` (integers of 1,000+ digits as digit strings,
+   past Python's int-string conversion limit); both sides one exact form (non-negative integer
    percentages, ``c\\sqrt{r}`` surds, rational multiples of ``\\pi``, integer polynomials,
    intervals with integer end points) -> compared in canonical form. It only answers when
    math-verify would certainly agree (decimals within its 6-digit rounding, negative
    percentages, bare variables go to the pool; tests compare both paths on every form);
 5. otherwise math-verify (``parse`` gold first, then ``verify(gold, answer)``) in a killable
-   worker process (:mod:`manyways.verify.pool`); overrunning ``timeout_s`` -> ``timeout``.
+   worker process (:mod:`manyways.verify.pool`); where both sides are exact rational values
+   (no decimals, percentages or symbols) the worker compares them exactly instead, because
+   math-verify's numeric check chops tiny differences (``1/2004!`` vs ``1/2006!``) to 0.
+   ``timeout_s`` is a deadline from the call, queueing for a worker included -> ``timeout``.
 
+No input makes ``verify_math`` raise: a failure in the caller is an ``error`` verdict.
 Every use of a parsed expression (parse, verify, ``str()``) happens in the worker; only plain
 strings cross back. Pool size: ``MANYWAYS_VERIFY_WORKERS`` (default 1).
 """
@@ -31,6 +40,13 @@ from collections import Counter
 from fractions import Fraction
 
 from manyways.verify import Verdict
+from manyways.verify.answer import (
+    _last_box,  # noqa: F401  (the choice verifier reads it here)
+    extract_answer,
+    normalize_answer,
+)
+from manyways.verify.answer import balanced as _balanced
+from manyways.verify.answer import to_fraction as _to_fraction
 from manyways.verify.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -41,17 +57,7 @@ _COUNT_LOCK = threading.Lock()
 _POOL: WorkerPool | None = None
 _POOL_LOCK = threading.Lock()
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_RE = re.compile(
-    r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*([^\n]+)|^\s*####\s*([^\n]+)",
-    re.IGNORECASE | re.MULTILINE,
-)
-_NUMBER_RE = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
-_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(\d+)\}")
-_SLASH_RE = re.compile(r"(-?\d+)/(\d+)")
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_UNIT_RE = re.compile(r"(-?[\d.,/]+)\s+[A-Za-z]{2,}(?: [A-Za-z]+){0,3}")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_LONG_DIGITS_RE = re.compile(r"\d{1000}")  # int() refuses > 4300 digits; exact forms stay far below
 _TOWER_DEPTH = 3
 _MAX_EXACT_INT = 10**4  # distinct exact forms then differ by > 1e-7
 _MAX_POWER = 20
@@ -78,74 +84,6 @@ def _count(counter: Counter[str], key: str) -> None:
         counter[key] += 1
 
 
-def _last_box(text: str) -> tuple[bool, str | None]:
-    """(found a box, content of the last box); content None when the last box never closes."""
-    matches = list(_BOX_RE.finditer(text))
-    if not matches:
-        return False, None
-    start = matches[-1].end()
-    depth = 1
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return True, text[start:i]
-    return True, None
-
-
-def extract_answer(response: str) -> str | None:
-    """The final answer stated in ``response`` (raw string), or None."""
-    found, content = _last_box(response)
-    if found:
-        return content.strip() if content and content.strip() else None
-    statements = list(_ANSWER_RE.finditer(response))
-    if not statements:
-        return None
-    last = statements[-1]
-    text = (last.group(1) or last.group(2) or "").strip()
-    return text or None
-
-
-def normalize_answer(text: str) -> str:
-    """Strip presentation that never changes a value (see module docstring)."""
-    s = text.strip()
-    for _ in range(3):
-        before = s
-        s = s.strip().strip("*").strip()
-        s = s.rstrip(".").strip()
-        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
-            s = s.strip("$").strip()
-        s = s.replace("\\$", "").replace("\\!", "").replace("\\,", "")
-        s = _TEXT_RE.sub(lambda m: m.group(1), s).strip()
-        if s == before:
-            break
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
-    unit = _UNIT_RE.fullmatch(s)
-    if unit and _is_plain_number(unit.group(1).replace(",", "")):
-        s = unit.group(1).replace(",", "") if _THOUSANDS_RE.fullmatch(unit.group(1)) else unit.group(1)
-    return s
-
-
-def _is_plain_number(s: str) -> bool:
-    return _to_fraction(s) is not None
-
-
-def _to_fraction(s: str) -> Fraction | None:
-    if _NUMBER_RE.fullmatch(s):
-        return Fraction(s)
-    frac = _FRAC_RE.fullmatch(s) or _SLASH_RE.fullmatch(s)
-    if frac is None:
-        return None
-    groups = frac.groups()
-    sign = -1 if len(groups) == 3 and groups[0] == "-" else 1
-    num, den = int(groups[-2]), int(groups[-1])
-    return None if den == 0 else sign * Fraction(num, den)
-
-
 def _exponent_depth(s: str) -> int:
     """Deepest nesting of exponents: ``a^{b^{c}}`` is 2, ``a^b`` is 1."""
     best, stack, depth = 0, [], 0
@@ -169,6 +107,8 @@ def _exponent_depth(s: str) -> int:
 def _fast_verdict(gold: str, answer: str) -> Verdict | None:
     """Exact comparison of plain numbers and of the exact forms below; None when math-verify might
     judge differently."""
+    if _LONG_DIGITS_RE.search(gold) or _LONG_DIGITS_RE.search(answer):
+        return _long_integer_verdict(gold, answer)
     g, a = _to_fraction(gold), _to_fraction(answer)
     if g is None or a is None:
         return _exact_form_verdict(gold, answer)
@@ -178,6 +118,21 @@ def _fast_verdict(gold: str, answer: str) -> Verdict | None:
     if not has_decimal or abs(g - a) > Fraction(1, 10**5):
         return Verdict("incorrect", False, answer)
     return None
+
+
+def _long_integer_verdict(gold: str, answer: str) -> Verdict | None:
+    """Integers too long for ``int()`` (Python's int-string conversion limit) compared as canonical
+    digit strings; anything else that long is left to the pool."""
+    if not (_INT_RE.fullmatch(gold) and _INT_RE.fullmatch(answer)):
+        return None
+
+    def canonical(s: str) -> str:
+        sign, digits = ("-", s[1:]) if s.startswith("-") else ("", s)
+        digits = digits.lstrip("0") or "0"
+        return digits if digits == "0" else sign + digits
+
+    same = canonical(gold) == canonical(answer)
+    return Verdict("correct" if same else "incorrect", same, answer)
 
 
 def _compact(s: str) -> str | None:
@@ -282,7 +237,34 @@ def check_in_worker(gold: str, answer: str) -> tuple[str, str | None]:
     if not answer_parsed:
         return ("no_answer", "answer did not parse")
     ok = math_verify.verify(gold_parsed, answer_parsed, timeout_seconds=None)
+    exact = _exact_rational_eq(gold_parsed, answer_parsed)
+    if exact is not None and exact != ok:
+        return ("correct" if exact else "incorrect", "exact rational comparison")
     return ("correct" if ok else "incorrect", None)
+
+
+def _exact_rational(parsed: list) -> object | None:
+    """The exact rational value of a parse without decimals, percentages or symbols, else None."""
+    import sympy
+
+    expr, text = (parsed + [None, ""])[:2]
+    if not isinstance(expr, sympy.Expr) or "%" in str(text) or expr.free_symbols or expr.atoms(sympy.Float):
+        return None
+    value = expr.doit()
+    return value if isinstance(value, sympy.Rational) else None
+
+
+def _exact_rational_eq(gold_parsed: list, answer_parsed: list) -> bool | None:
+    """Exact equality where math-verify's numeric check cannot be trusted: two exact rational
+    values (``1/2004!``, ``2^{-99}``) whose difference math-verify evaluates to 15 digits and chops
+    to 0 when tiny. Decimals (6-place rounding) and percentages keep math-verify's conventions."""
+    try:
+        gold_value, answer_value = _exact_rational(gold_parsed), _exact_rational(answer_parsed)
+    except Exception:  # an expression sympy cannot evaluate exactly: keep math-verify's verdict
+        return None
+    if gold_value is None or answer_value is None:
+        return None
+    return bool(gold_value == answer_value)
 
 
 def _boxed(text: str) -> str:
@@ -308,8 +290,10 @@ def _front(gold: str, response: str, *, fast_path: bool, prefilter: bool) -> tup
     if raw is None:
         return Verdict("no_answer", None, None), "", ""
     answer, gold_n = normalize_answer(raw), normalize_answer(gold or "")
-    if not gold_n:
+    if not gold_n or not _balanced(gold_n):
         return Verdict("bad_gold", None, answer), gold_n, answer
+    if not _balanced(answer):
+        return Verdict("no_answer", None, answer, "unbalanced braces"), gold_n, answer
     if answer == gold_n:
         _count(_PATH_COUNTS, "identical")
         return Verdict("correct", True, answer), gold_n, answer
@@ -337,11 +321,23 @@ def _from_pool(result: tuple[str, object], answer: str) -> Verdict:
     return Verdict(status, correct, answer, detail)
 
 
+def _safe_front(
+    gold: str, response: str, *, fast_path: bool, prefilter: bool
+) -> tuple[Verdict | None, str, str]:
+    """:func:`_front`, with any failure turned into an ``error`` verdict (no input may raise)."""
+    try:
+        return _front(gold, response, fast_path=fast_path, prefilter=prefilter)
+    except Exception as exc:
+        log.warning("verify_math failed on an input (%s: %s)", type(exc).__name__, str(exc)[:200])
+        return Verdict("error", None, None, f"{type(exc).__name__}: {exc}"[:500]), "", ""
+
+
 def verify_math(
     gold: str, response: str, *, timeout_s: float = 5.0, fast_path: bool = True, prefilter: bool = True
 ) -> Verdict:
-    """Judge ``response`` against ``gold`` (see module docstring); never hangs past ``timeout_s``."""
-    verdict, gold_n, answer = _front(gold, response, fast_path=fast_path, prefilter=prefilter)
+    """Judge ``response`` against ``gold`` (see module docstring); returns within ``timeout_s`` of
+    waiting for the pool (queueing included) and never raises."""
+    verdict, gold_n, answer = _safe_front(gold, response, fast_path=fast_path, prefilter=prefilter)
     if verdict is not None:
         return verdict
     _count(_PATH_COUNTS, "pool")
@@ -352,7 +348,7 @@ def verify_math_batch(
     pairs: list[tuple[str, str]], *, timeout_s: float = 5.0, fast_path: bool = True, prefilter: bool = True
 ) -> list[Verdict]:
     """:func:`verify_math` over (gold, response) pairs, fanned out over the worker pool."""
-    fronts = [_front(g, r, fast_path=fast_path, prefilter=prefilter) for g, r in pairs]
+    fronts = [_safe_front(g, r, fast_path=fast_path, prefilter=prefilter) for g, r in pairs]
     pending = [i for i, (verdict, _, _) in enumerate(fronts) if verdict is None]
     results = _pool().call_many([(fronts[i][1], fronts[i][2]) for i in pending], timeout_s)
     out: list[Verdict | None] = [verdict for verdict, _, _ in fronts]

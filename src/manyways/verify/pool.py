@@ -10,8 +10,13 @@ Each worker is a fresh interpreter started with ``python -m manyways.verify.pool
 semantics, but without multiprocessing's re-import of the caller's ``__main__``, which fails for
 ``python -`` / notebooks and re-runs unguarded scripts); requests and replies are pickled over
 its stdin/stdout with :class:`multiprocessing.connection.Connection`. A worker exits when its
-parent disappears. The pool is safe to use from many threads: each call borrows one idle worker;
-a call waits for a worker without a limit, and ``timeout_s`` bounds only the check itself.
+parent disappears. The pool is safe to use from many threads: each call borrows one idle worker.
+``timeout_s`` is a deadline from the call: waiting for a free worker (queueing behind other
+calls, or for the replacement of a killed worker to start) and the check itself both count; a call
+that cannot get a ready worker in time returns ``timeout`` without running (counted in
+``queue_timeouts``). Workers join the idle queue only once started. Only the pool's first start
+(until its first worker has imported the task's modules) is not counted; ``start(wait=True)``
+pays it up front.
 
 Pool size: ``MANYWAYS_VERIFY_WORKERS`` (default 1, because the machines this runs on have two
 cores and generation needs the other). Pools are shut down at interpreter exit.
@@ -58,7 +63,10 @@ def _worker_main(task: str, preload: tuple[str, ...], conn_in: Connection, conn_
     for module_name in preload:
         importlib.import_module(module_name)
     func = _resolve(task)
-    conn_out.send(_READY)
+    try:
+        conn_out.send(_READY)
+    except OSError:  # the pool was shut down while this worker started
+        return
     while True:
         try:
             args = conn_in.recv()
@@ -108,8 +116,8 @@ class _Worker:
         self.proc.stdout.close()
         self.ready = False
 
-    def wait_ready(self) -> bool:
-        if not self.ready and self.conn_in.poll(STARTUP_TIMEOUT_S):
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
+        if not self.ready and self.conn_in.poll(max(timeout_s, 0.0)):
             self.ready = self.conn_in.recv() == _READY
         return self.ready
 
@@ -134,31 +142,51 @@ class WorkerPool:
         self._started = False
         self._closed = False
         self.kills = 0
+        self.queue_timeouts = 0
+        self._booting: set[_Worker] = set()
+        self._warm = threading.Event()  # set once the first worker of a start is ready
 
     def start(self, wait: bool = False) -> None:
         """Start the workers (idempotent); with ``wait`` block until all are ready."""
         with self._lock:
             if not self._started:
-                for _ in range(self.size):
-                    self._idle.put(_Worker(self.task, self.preload))
                 self._started = True
                 self._closed = False
+                self._warm.clear()
+                for _ in range(self.size):
+                    self._boot()
                 atexit.register(self.shutdown)
         if wait:
             workers = [self._idle.get() for _ in range(self.size)]
             for worker in workers:
-                worker.wait_ready()
                 self._idle.put(worker)
 
+    def _boot(self) -> None:
+        """Start a worker (call with the lock held); it joins the idle queue once it is ready, so a
+        call never borrows a worker that is still importing."""
+        worker = _Worker(self.task, self.preload)
+        self._booting.add(worker)
+        threading.Thread(target=self._admit, args=(worker,), daemon=True).start()
+
     def call(self, args: tuple[Any, ...], timeout_s: float) -> tuple[str, Any]:
-        """Run the task on ``args``: ("ok", result), ("timeout", None) or ("error", message)."""
+        """Run the task on ``args``: ("ok", result), ("timeout", None) or ("error", message);
+        returns within ``timeout_s`` of the call (see the module docstring)."""
         self.start()
-        worker = self._idle.get()
+        self._warm.wait(STARTUP_TIMEOUT_S)  # the pool's first start is not the check's time
+        deadline = time.monotonic() + timeout_s
         try:
-            if not worker.wait_ready():
-                raise RuntimeError("worker failed to start")
+            worker = self._idle.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            return self._queue_timeout(timeout_s)
+        try:
+            if not worker.wait_ready(0.0):  # admitted workers are ready, or failed (EOF raises)
+                self._idle.put(worker)
+                return self._queue_timeout(timeout_s)
+            if deadline <= time.monotonic():  # ready, but no time left to run the check
+                self._release(worker)
+                return self._queue_timeout(timeout_s)
             worker.conn_out.send(args)
-            if worker.conn_in.poll(timeout_s):
+            if worker.conn_in.poll(max(deadline - time.monotonic(), 0.0)):
                 result = worker.conn_in.recv()
                 self._release(worker)
                 return result
@@ -170,6 +198,12 @@ class WorkerPool:
         self._replace(worker)
         return ("timeout", None)
 
+    def _queue_timeout(self, timeout_s: float) -> tuple[str, Any]:
+        with self._lock:
+            self.queue_timeouts += 1
+        log.info("no worker became free within %.1fs; the check did not run", timeout_s)
+        return ("timeout", None)
+
     def _release(self, worker: _Worker) -> None:
         if self._closed:
             worker.kill()
@@ -177,11 +211,27 @@ class WorkerPool:
             self._idle.put(worker)
 
     def _replace(self, worker: _Worker) -> None:
-        """Kill ``worker`` and put a fresh one in the idle queue."""
+        """Kill ``worker`` and start a fresh one (calls waiting meanwhile count it in their deadline)."""
         self.kills += 1
         worker.kill()
-        if not self._closed:
-            self._idle.put(_Worker(self.task, self.preload))
+        with self._lock:
+            if not self._closed:
+                self._boot()
+
+    def _admit(self, worker: _Worker) -> None:
+        try:
+            worker.wait_ready()
+        except (OSError, EOFError) as exc:  # a call on it reports the failure and replaces it
+            if not self._closed:
+                log.warning("verify worker failed to start (%s)", exc)
+        with self._lock:
+            closed = self._closed
+            self._booting.discard(worker)
+        if closed:
+            worker.kill()
+        else:
+            self._idle.put(worker)
+            self._warm.set()
 
     def call_many(self, arg_list: list[tuple[Any, ...]], timeout_s: float) -> list[tuple[str, Any]]:
         """Fan ``arg_list`` out over all workers; results in input order."""
@@ -196,6 +246,10 @@ class WorkerPool:
         with self._lock:
             self._closed = True
             self._started = False
+            booting, self._booting = self._booting, set()
+        for worker in booting:
+            worker.kill()
+        with self._lock:
             while True:
                 try:
                     worker = self._idle.get_nowait()
