@@ -35,6 +35,7 @@ from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
 from manyways.training import (
     CheckpointMarkerCallback,
+    MasterWeightsCallback,
     MetricsCallback,
     SampleLog,
     TrainingDataError,
@@ -43,7 +44,9 @@ from manyways.training import (
     example_key,
     final_loss,
     keep_cpu_allocations,
+    load_trainable_model,
     lora_config,
+    master_weights_summary,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
@@ -169,13 +172,12 @@ def build_trainer(
 ) -> Any:
     """An ``SFTTrainer`` with our callbacks (checkpoint markers, metrics, sample log)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     from manyways.models import resolve_model_path
 
     keep_cpu_allocations()  # large per-step tensors reuse heap memory (manyways.training)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name))
+    model = load_trainable_model(resolve_model_path(cfg.model.name))
     dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = SFTTrainer(
         model=model,
@@ -186,6 +188,7 @@ def build_trainer(
         callbacks=[
             CheckpointMarkerCallback(cfg.midtrain.keep_checkpoints),
             MetricsCallback(out_dir.parent, STAGE),
+            MasterWeightsCallback(),
         ],
     )
     quiet_trainer(trainer)
@@ -264,6 +267,7 @@ def write_manifest(
             "fingerprint": stage.input_hashes["select"],
         },
         "bf16": bool(trainer.args.bf16),
+        **master_weights_summary(trainer),
     }
     manifest = stage.finish(dict(counts), extra)
     append_metrics(out_dir.parent, STAGE, {**dict(counts), "final_loss": loss, "wall_s": manifest["wall_s"]})

@@ -35,13 +35,16 @@ from manyways.rewards import reward_functions
 from manyways.schema import Problem
 from manyways.training import (
     CheckpointMarkerCallback,
+    MasterWeightsCallback,
     MetricsCallback,
     TrainingDataError,
     cache_casts_during_generation,
     device_args,
     drop_checkpoints,
     keep_cpu_allocations,
+    load_trainable_model,
     lora_config,
+    master_weights_summary,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
@@ -154,7 +157,6 @@ def build_trainer(
     cfg: Config, out_dir: Path, model_path: str, problems: list[Problem], show_progress: bool = False
 ) -> tuple[Any, Any]:
     """A ``GRPOTrainer`` with our rewards and callbacks; returns (trainer, correctness reward)."""
-    from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
     from manyways.models import load_tokenizer
@@ -167,7 +169,7 @@ def build_trainer(
     )
     args = grpo_args(cfg, out_dir, weights, show_progress)
     keep_cpu_allocations()  # large per-step tensors reuse heap memory (manyways.training)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model = load_trainable_model(model_path)
     correctness = funcs[0]
     metrics = MetricsCallback(
         out_dir.parent, STAGE, extra=lambda: {"verifier_timeouts": correctness.counts["status_timeout"]}
@@ -179,7 +181,7 @@ def build_trainer(
         train_dataset=prompt_dataset(problems),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.rl.lora),
-        callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics],
+        callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics, MasterWeightsCallback()],
     )
     cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
     return quiet_trainer(trainer), correctness
@@ -244,6 +246,7 @@ def write_manifest(
             "vanilla": "midtrain" not in stage.inputs,
             "resumed_from": resume.name if resume else None,
             "bf16": bool(trainer.args.bf16),
+            **master_weights_summary(trainer),
             **summary,
         },
     )
