@@ -146,6 +146,9 @@ class LoraSection(Section):
     merge: bool = Field(True, description="Merge adapters into the saved model (else save the adapter only).")
 
 
+DEFAULT_MIDTRAIN_MAX_LENGTH = 1024
+
+
 class MidtrainSection(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     epochs: float = Field(
@@ -157,8 +160,12 @@ class MidtrainSection(Section):
     )
     batch_size: int = Field(4, ge=1, description="Sequences per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(
-        1024, ge=16, description="Longer examples are dropped (counted); all too long stops."
+    max_length: int | None = Field(
+        None,
+        ge=16,
+        description="Longest example in tokens; longer ones are dropped (counted in the manifest, "
+        "logged), all too long stops. The one length setting: TRL's max_length is this value. "
+        "None = midtrain.trl.max_length if set, else 1024; both set and different is an error.",
     )
     save_steps: int = Field(50, ge=1, description="Checkpoint every n steps (the unit of resume).")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
@@ -173,6 +180,21 @@ class MidtrainSection(Section):
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.SFTConfig untouched, over our defaults."
     )
+
+    def model_post_init(self, context: Any) -> None:
+        theirs = self.trl.get("max_length")
+        if self.max_length is not None and theirs is not None and theirs != self.max_length:
+            raise ValueError(
+                f"midtrain.max_length={self.max_length} and midtrain.trl.max_length={theirs} disagree: "
+                "set one of them (midtrain.max_length both drops longer examples and is TRL's max_length)"
+            )
+
+    @property
+    def length_limit(self) -> int:
+        """The one length setting: ``max_length``, else ``trl.max_length``, else 1024."""
+        if self.max_length is not None:
+            return self.max_length
+        return int(self.trl.get("max_length") or DEFAULT_MIDTRAIN_MAX_LENGTH)
 
 
 class RLSection(Section):

@@ -10,7 +10,9 @@ for ``assistant_only_loss``). Full fine-tuning or LoRA (``midtrain.lora``, merge
 
 Bad input stops before training with a clear message: no rows, conversations that do not end in a
 non-empty assistant turn, a tokenizer without a chat template, all examples longer than
-``midtrain.max_length`` (some too long: dropped and counted).
+``midtrain.max_length`` (some too long: dropped and counted). That length is the only one: TRL's
+``max_length`` is the same value (``MidtrainSection.length_limit``), so TRL never truncates what we
+kept, and every dropped row is counted in the manifest (``dropped_*``, ``dropped``) and logged.
 
 A rerun resumes from the newest *complete* checkpoint (see :mod:`manyways.training`).
 
@@ -133,8 +135,6 @@ def check_examples(
         raise TrainingDataError(
             f"all {len(examples)} examples are longer than midtrain.max_length={max_length} tokens"
         )
-    if counts["dropped_too_long"]:
-        log.warning("%d examples longer than %d tokens dropped", counts["dropped_too_long"], max_length)
     return kept, tokens
 
 
@@ -151,7 +151,7 @@ def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
         "learning_rate": m.learning_rate,
         "per_device_train_batch_size": m.batch_size,
         "gradient_accumulation_steps": m.grad_accum,
-        "max_length": m.max_length,
+        "max_length": m.length_limit,
         "completion_only_loss": True,
         "save_strategy": "steps",
         "save_steps": m.save_steps,
@@ -225,7 +225,16 @@ def run(
     rows = read_train_rows(inputs["select"])
     examples, counts = to_prompt_completion(rows)
     tokenizer = load_tokenizer(cfg.model.name)
-    examples, tokens = check_examples(examples, tokenizer, cfg.midtrain.max_length, counts)
+    examples, tokens = check_examples(examples, tokenizer, cfg.midtrain.length_limit, counts)
+    counts["dropped"] = sum(v for k, v in counts.items() if k.startswith("dropped_"))
+    if counts["dropped"]:
+        log.warning(
+            "%s: %d of %d rows dropped (%s)",
+            STAGE,
+            counts["dropped"],
+            len(rows),
+            ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith("dropped_")),
+        )
     trainer = build_trainer(cfg, out_dir, examples, tokenizer, show_progress)
     resume = resume_checkpoint(out_dir / "checkpoints")
     log.info(
