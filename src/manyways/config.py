@@ -94,7 +94,21 @@ class VerifySection(Section):
     )
 
 
-class ScoreSection(Section):
+class ExecutorFields(Section):
+    """Where a sampling or scoring stage runs its shards (as ``generate``'s keys of the same names)."""
+
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: in this process; ray: shards over Ray actors, one engine each."
+    )
+    workers: int = Field(1, ge=1, description="ray: actors, each loading its model once.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster; None starts a local one.")
+    ray_num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster started on demand.")
+
+
+EXECUTOR_KEYS = ("executor", "workers", "ray_address", "ray_num_cpus")
+
+
+class ScoreSection(ExecutorFields):
     scorer: Literal["judge", "reward_model", "none"] = Field(
         "judge",
         description="judge: P(Yes) of an LLM asked whether the trace follows its heuristic; "
@@ -240,7 +254,7 @@ class RLSection(Section):
     )
 
 
-class EvaluateSection(Section):
+class EvaluateSection(ExecutorFields):
     samples: int = Field(8, ge=1, description="Completions per problem (n >= the largest k).")
     ks: list[int] | None = Field(None, description="k values; None = 1, 2, 4, ... n.")
     backend: BackendConfig = Field(default_factory=BackendConfig)

@@ -51,6 +51,9 @@ def map_shards(
 ) -> None:
     """Call ``worker(item)`` for every (index, item) and hand each result to ``on_result``.
 
+    ``factory()`` builds one worker per process (local) or per actor (Ray); a worker with a
+    ``close()`` method is closed when the local run ends (Ray actors end with their process).
+
     Ray only: ``num_gpus`` is what each actor requests (Ray then sets its ``CUDA_VISIBLE_DEVICES``
     to GPUs of its own; "auto" = 1 when the cluster has GPUs, else 0; see :func:`backend_gpus`).
     An actor whose process dies is restarted (its worker built anew) and its shard redone, up to
@@ -62,8 +65,11 @@ def map_shards(
         return
     if executor == "local":
         worker = factory()
-        for index, item in items:
-            on_result(index, _call(worker, index, item))
+        try:
+            for index, item in items:
+                on_result(index, _call(worker, index, item))
+        finally:
+            _close(worker)
         return
     if executor != "ray":
         raise ValueError(f"unknown executor {executor!r}: use local or ray")
@@ -92,6 +98,13 @@ def _call(worker: Callable[[Any], Any], index: int, item: Any) -> Any:
         raise
     except Exception as exc:
         raise ShardError(f"shard {index} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _close(worker: Any) -> None:
+    """A worker with a ``close()`` (a loaded model) is closed when the executor is done with it."""
+    close = getattr(worker, "close", None)
+    if callable(close):
+        close()
 
 
 class _Actor:
