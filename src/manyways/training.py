@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import signal
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,67 @@ def master_weights_summary(trainer: Any) -> dict[str, Any]:
         if isinstance(callback, MasterWeightsCallback):
             return callback.summary()
     return {}
+
+
+def process_rank() -> int:
+    """This process's global rank in a multi-process launch (accelerate, torchrun, deepspeed set
+    ``RANK``); 0 in a single process."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _world() -> tuple[Any, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_world_size()
+    return None, 1
+
+
+def gather_lists(values: list[Any]) -> list[Any]:
+    """Every process's ``values`` concatenated in rank order (a collective: all ranks must call it);
+    ``values`` itself in a single process."""
+    dist, world = _world()
+    if world == 1:
+        return list(values)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, list(values))
+    return [v for part in gathered for v in part]
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """Counters summed over all processes (a collective: all ranks must call it)."""
+    dist, world = _world()
+    if world == 1:
+        return dict(counts)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, dict(counts))
+    total: Counter[str] = Counter()
+    for part in gathered:
+        total.update(part)
+    return dict(total)
+
+
+def open_stage(stage: Any, overwrite: bool, timeout_s: float = 600.0) -> bool:
+    """``StageDir.open`` safe under a multi-process launch: with ``overwrite`` only rank 0 may
+    delete the old directory; the other ranks wait until rank 0 wrote this config's stage file."""
+    import json
+    import time
+
+    from manyways.artifacts import STAGE_FILE
+
+    if overwrite and process_rank() != 0:
+        path, deadline = stage.path / STAGE_FILE, time.monotonic() + timeout_s
+        while True:
+            try:
+                if json.loads(path.read_text()).get("fingerprint") == stage.fingerprint:
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {process_rank()}: rank 0 did not open {stage.path} in {timeout_s}s")
+            time.sleep(0.2)
+        return stage.open(False)
+    return stage.open(overwrite)
 
 
 def use_bf16(dtype: str) -> bool:
@@ -314,7 +375,8 @@ def example_key(input_ids: Any) -> str:
 
 
 class SampleLog(TrainerCallback):
-    """Logs which examples each optimizer step consumed, as ``{"step", "ids"}`` JSON lines.
+    """Logs which examples each optimizer step consumed, as ``{"step", "ids"}`` JSON lines
+    (under a multi-process launch the ids of all ranks, in rank order; rank 0 writes).
 
     :meth:`wrap` wraps the trainer's data collator to note the sample ids of every batch it builds
     (``ids_by_key`` maps :func:`example_key` of ``input_ids`` to an id); ``on_step_end`` then writes
@@ -338,6 +400,7 @@ class SampleLog(TrainerCallback):
         batches = [
             self.pending.popleft() for _ in range(min(args.gradient_accumulation_steps, len(self.pending)))
         ]
+        ids = gather_lists([i for b in batches for i in b])  # every rank's batches of this step
         if state.is_world_process_zero:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(
@@ -345,7 +408,7 @@ class SampleLog(TrainerCallback):
                         {
                             "step": state.global_step,
                             "pid": os.getpid(),
-                            "ids": [i for b in batches for i in b],
+                            "ids": ids,
                         }
                     )
                     + "\n"

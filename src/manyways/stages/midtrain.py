@@ -49,6 +49,7 @@ from manyways.training import (
     load_trainable_model,
     lora_config,
     master_weights_summary,
+    open_stage,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
@@ -218,7 +219,7 @@ def run(
     if "select" not in inputs:
         raise TrainingDataError("midtrain needs the select stage's output (inputs['select'])")
     stage = StageDir(out_dir, STAGE, stage_config(cfg), inputs={"select": inputs["select"]})
-    if stage.open(overwrite):
+    if open_stage(stage, overwrite):  # rank 0 alone deletes on overwrite
         log.info("%s already finished: %s", STAGE, out_dir)
         return read_manifest(out_dir)
     remove_stale_model_dirs(out_dir)

@@ -45,10 +45,12 @@ from manyways.training import (
     load_trainable_model,
     lora_config,
     master_weights_summary,
+    open_stage,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
     save_trained_model,
+    sum_over_processes,
     trainer_kwargs,
     use_bf16,
 )
@@ -198,7 +200,7 @@ def run(
     """Run the stage into ``out_dir``; returns the manifest (existing one when already done)."""
     inputs = {k: Path(v) for k, v in (inputs or {}).items() if k == "midtrain"}
     stage = StageDir(out_dir, STAGE, stage_config(cfg), inputs=inputs)
-    if stage.open(overwrite):
+    if open_stage(stage, overwrite):  # rank 0 alone deletes on overwrite
         log.info("%s already finished: %s", STAGE, out_dir)
         return read_manifest(out_dir)
     remove_stale_model_dirs(out_dir)
@@ -214,8 +216,9 @@ def run(
         f"resuming from {resume.name}" if resume else "from the start",
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    verifier = sum_over_processes(correctness.totals())  # each rank verified its own completions
     if save_trained_model(trainer, trainer.processing_class, out_dir / "model", merge_lora=cfg.rl.lora.merge):
-        write_manifest(stage, trainer, correctness, load_counts, model_path, resume)
+        write_manifest(stage, trainer, verifier, load_counts, model_path, resume)
     trainer.accelerator.wait_for_everyone()  # other ranks return the manifest the main process wrote
     if trainer.accelerator.is_main_process and (out_dir / "manifest.json").is_file():
         drop_checkpoints(out_dir, cfg.rl.keep_checkpoints_when_done)
@@ -225,7 +228,7 @@ def run(
 def write_manifest(
     stage: StageDir,
     trainer: Any,
-    correctness: Any,
+    verifier: dict[str, int],
     load_counts: dict[str, int],
     model_path: str,
     resume: Path | None,
@@ -234,9 +237,7 @@ def write_manifest(
     out_dir = stage.path
     problems = trainer.train_dataset
     counts: Counter[str] = Counter({f"load_{k}": v for k, v in load_counts.items()})
-    counts.update(
-        {"problems": len(problems), "global_step": trainer.state.global_step, **correctness.totals()}
-    )
+    counts.update({"problems": len(problems), "global_step": trainer.state.global_step, **verifier})
     summary = summarize_history(trainer.state.log_history)
     manifest = stage.finish(
         dict(counts),
