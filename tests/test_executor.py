@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from manyways.backends.config import BackendConfig
-from manyways.executor import ShardError, _next_item, backend_gpus, map_shards
+from manyways.executor import ShardError, _actor_count, _next_item, backend_gpus, map_shards
 
 
 class DeviceWorker:
@@ -119,3 +119,20 @@ def test_affinity_prefers_the_previous_key() -> None:
     assert _next_item(queue, "b", first) == (1, ("b", 1))
     assert _next_item(queue, "c", first) == (0, ("a", 1))
     assert _next_item(queue, None, first) == (2, ("a", 2)) and queue == []
+
+
+def test_actor_count_fits_the_cluster() -> None:
+    assert _actor_count({"CPU": 16, "GPU": 8}, 8, 100, 1) == 8
+    assert _actor_count({"CPU": 16, "GPU": 2}, 8, 100, 1) == 2  # 8 workers, 2 GPUs: 2 at once
+    assert _actor_count({"CPU": 16, "GPU": 8}, 8, 100, 4) == 2  # tensor parallel 4
+    assert _actor_count({"CPU": 2}, 8, 100, 0) == 2
+    assert _actor_count({"CPU": 16}, 8, 3, 0) == 3
+    with pytest.raises(ShardError, match="cannot host one worker"):
+        _actor_count({"CPU": 16}, 8, 3, 1)
+
+
+@pytest.mark.slow
+def test_more_gpu_workers_than_gpus_do_not_hang(fake_gpu_cluster: Any) -> None:
+    items = [(i, i) for i in range(4)]
+    out = _collect(DeviceWorker, items, executor="ray", workers=4, num_gpus=1)
+    assert sorted(out) == [0, 1, 2, 3] and {d for _, d, _ in out.values()} <= {"0", "1"}

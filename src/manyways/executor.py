@@ -131,6 +131,24 @@ def _resolve_gpus(ray: Any, num_gpus: float | str) -> float:
     return float(num_gpus)
 
 
+def _actor_count(resources: dict[str, float], workers: int, n_items: int, gpus: float) -> int:
+    """Actors to start: ``workers``, but no more than there are items, nor than the cluster can
+    host at once (1 CPU and ``gpus`` GPUs each): an actor that can never be placed would hold its
+    shard forever."""
+    fits = int(resources.get("CPU", 0) // 1)
+    if gpus > 0:
+        fits = min(fits, int(resources.get("GPU", 0) // gpus))
+    if fits < 1:
+        raise ShardError(
+            f"the Ray cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) cannot "
+            f"host one worker (1 CPU, {gpus:g} GPUs)"
+        )
+    count = max(1, min(workers, n_items, fits))
+    if count < min(workers, n_items):
+        log.warning("ray: %d workers asked for, the cluster hosts %d at once", workers, count)
+    return count
+
+
 def _next_item(
     queue: list[tuple[int, Any]], key: Any, affinity: Callable[[Any], Any] | None
 ) -> tuple[int, Any]:
@@ -160,7 +178,8 @@ def _map_ray(
         actor_cls = ray.remote(
             num_cpus=1, num_gpus=gpus, max_restarts=opts.max_restarts, max_task_retries=opts.max_restarts
         )(_Actor)
-        actors = [actor_cls.remote(factory) for _ in range(max(1, min(opts.workers, len(items))))]
+        count = _actor_count(ray.cluster_resources(), opts.workers, len(items), gpus)
+        actors = [actor_cls.remote(factory) for _ in range(count)]
         log.info(
             "ray: %d actors, %g GPU(s) each, restarted up to %d times", len(actors), gpus, opts.max_restarts
         )
