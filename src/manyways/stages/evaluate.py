@@ -12,7 +12,8 @@ sampled from plain prompts (code problems: a "complete this function" system lin
 not depend on the model, so models are compared on common random numbers. Each completion is
 judged by :func:`manyways.verify.registry.verify_many` (the function the verify stage and the
 GRPO reward use). Problems whose gold cannot be parsed (``bad_gold``) are excluded from the
-statistics but counted.
+statistics but counted. Units run over ``evaluate.executor`` (local, or Ray actors with one engine
+and its GPUs each: :func:`manyways.executor.map_shards`); the output does not depend on it.
 
 Outputs under ``<run>/evaluate/``: ``problems/<benchmark>.parquet``; ``shards/part-*.parquet``
 (one per (model, benchmark) unit, the unit of resume; :data:`EVAL_SAMPLE_SCHEMA` rows);
@@ -312,11 +313,7 @@ class EvaluateWorker:
 
 
 def _evaluate_units(
-    stage: StageDir,
-    cfg: Config,
-    units: list[tuple[int, dict[str, Any]]],
-    factory: BackendFactory | None,
-    bar: Progress,
+    stage: StageDir, cfg: Config, units: list[tuple[int, Any]], factory: BackendFactory | None, bar: Progress
 ) -> None:
     """Run the units over ``evaluate.executor`` (local, or Ray actors with a GPU share each);
     the driver alone writes the unit shards, so the output does not depend on the executor."""
@@ -329,14 +326,7 @@ def _evaluate_units(
     def on_result(index: int, result: dict[str, Any]) -> None:
         rows, counters = result["rows"], result["counters"]
         stage.write_shard(index, pa.Table.from_pylist(rows, schema=EVAL_SAMPLE_SCHEMA), counters)
-        if rows:
-            log.info(
-                "%s / %s: %d/%d samples correct",
-                rows[0]["model"],
-                rows[0]["benchmark"],
-                counters.get("correct", 0),
-                len(rows),
-            )
+        log.info("unit %d: %d/%d samples correct", index, counters.get("correct", 0), len(rows))
         if e.executor != "local":
             bar.update(len(rows))
 

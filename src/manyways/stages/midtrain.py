@@ -6,7 +6,9 @@ conversation becomes a conversational prompt-completion pair (all messages but t
 prompt, the final assistant turn as the completion), so with ``completion_only_loss`` the loss
 covers the assistant's trace only, whatever the chat template (SmolLM2's has no generation markers
 for ``assistant_only_loss``). Full fine-tuning or LoRA (``midtrain.lora``, merged on save unless
-``lora.merge`` is false). bf16 autocast where the hardware supports it, else fp32.
+``lora.merge`` is false). Trainable weights are fp32 whatever the saved dtype
+(:func:`manyways.training.load_trainable_model`); bf16 only as autocast, where the hardware
+supports it.
 
 Bad input stops before training with a clear message: no rows, conversations that do not end in a
 non-empty assistant turn, a tokenizer without a chat template, all examples longer than
@@ -35,6 +37,7 @@ import pyarrow.parquet as pq
 
 from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
+from manyways.ranks import open_stage
 from manyways.training import (
     CheckpointMarkerCallback,
     MasterWeightsCallback,
@@ -49,7 +52,6 @@ from manyways.training import (
     load_trainable_model,
     lora_config,
     master_weights_summary,
-    open_stage,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,

@@ -11,9 +11,12 @@ anything else of ``trl.GRPOConfig`` goes in ``rl.trl``, passed through untouched
 ``rl.use_vllm`` with ``rl.vllm_mode`` colocate (vLLM inside the trainer) or server (start
 ``trl vllm-serve --model PATH`` first; ``rl.trl.vllm_server_base_url`` points at it).
 
-A rerun resumes from the newest complete checkpoint (:mod:`manyways.training`). Metrics (reward
-mean/std, frac_reward_zero_std, completion lengths, KL when beta > 0, verifier timeouts) go to the
-run's ``metrics.jsonl`` and any ``report_to`` target.
+The policy's trainable weights are fp32 whatever the saved dtype (bf16 only as the trainer's
+autocast: :func:`manyways.training.load_trainable_model`). A rerun resumes from the newest complete
+checkpoint (:mod:`manyways.training`). Metrics (reward mean/std, frac_reward_zero_std, completion
+lengths, KL when beta > 0, verifier timeouts) go to the run's ``metrics.jsonl`` and any
+``report_to`` target. The manifest's verifier counters are summed over all processes of a
+multi-process launch.
 
 Inputs: ``midtrain`` (optional). Outputs under ``<run>/rl/``: ``model/`` (HF model directory,
 written under a temporary name then renamed), ``checkpoints/``, ``manifest.json`` (written last).
@@ -31,6 +34,7 @@ from typing import Any
 from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
 from manyways.heuristics import render_plain_messages
+from manyways.ranks import open_stage, sum_over_processes
 from manyways.rewards import reward_functions
 from manyways.schema import Problem
 from manyways.training import (
@@ -45,12 +49,10 @@ from manyways.training import (
     load_trainable_model,
     lora_config,
     master_weights_summary,
-    open_stage,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
     save_trained_model,
-    sum_over_processes,
     trainer_kwargs,
     use_bf16,
 )

@@ -5,7 +5,8 @@ attempt judged ``incorrect``), ``score.scorer`` gives an adherence score (see
 :mod:`manyways.scorers`): ``judge`` (P(Yes) of an LLM judge), ``reward_model`` (the logit of a
 sequence-classification reward model) or ``none`` (0 for all). Scores are cached by content hash
 under ``<MANYWAYS_CACHE>/scores/`` (or ``score.cache_dir``), so re-scoring the same text costs
-nothing; hits are counted in the manifest.
+nothing; hits are counted in the manifest. Shards run over ``score.executor`` (local, or Ray actors
+with a scorer and the GPUs it needs each: :func:`manyways.executor.map_shards`), output identical.
 
 Inputs: ``generate`` (``problems.parquet`` + attempt shards) and ``verify`` (verdict shards).
 Outputs under ``<run>/score/``: ``shards/part-*.parquet`` (:class:`~manyways.schema.ScoreRow`
