@@ -222,3 +222,12 @@ def test_disagreeing_length_settings_are_a_config_error(tmp_path: Path, repo_roo
     assert same.midtrain.length_limit == 512
     assert load_config(None).midtrain.length_limit == 1024
     assert load_config(repo_root / "configs/paper_llama3b.yaml").midtrain.length_limit == 2048
+
+
+def test_the_fingerprint_holds_the_length_in_force() -> None:
+    from manyways.stages import midtrain
+
+    default = midtrain.stage_config(load_config(None))
+    assert default["midtrain"]["max_length"] == 1024  # as before max_length became optional
+    via_trl = midtrain.stage_config(load_config(None, ["midtrain.trl={max_length: 2048}"]))
+    assert via_trl["midtrain"]["max_length"] == 2048

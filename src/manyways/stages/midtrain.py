@@ -69,6 +69,7 @@ TRAIN_FILE = "train.parquet"
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the config this stage's output depends on."""
     data = cfg.to_dict()
+    data["midtrain"]["max_length"] = cfg.midtrain.length_limit  # the length in force, however set
     return {"model": data["model"], "midtrain": data["midtrain"], "seed": cfg.run.seed}
 
 
