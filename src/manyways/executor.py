@@ -218,8 +218,8 @@ def _drive(
             raise ShardError(f"shard {index} failed in Ray: {exc}") from exc
         except ray.exceptions.RayError as exc:
             raise ShardError(
-                f"shard {index} failed: its Ray worker died and was restarted {opts.max_restarts} "
-                f"times ({type(exc).__name__}: {exc})"
+                f"shard {index} failed: its Ray worker died or could not start, after up to "
+                f"{opts.max_restarts} restarts ({type(exc).__name__}: {exc})"
             ) from exc
         on_result(index, result)
         submit(actor, key)
