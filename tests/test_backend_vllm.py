@@ -13,9 +13,18 @@ from manyways.backends.vllm import VLLMBackend
 
 
 class StandInTokenizer:
-    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> str:
-        assert tokenize is False and add_generation_prompt is True
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+    """Renders ``<role>content...<assistant>``; one token id per whitespace-separated word."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> Any:
+        assert add_generation_prompt is True
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return {"input_ids": self.ids(text)} if tokenize else text
+
+    def ids(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
 
     def decode(self, ids: list[int]) -> str:
         return f"tok{ids[0]}"
@@ -47,28 +56,30 @@ class StandInEngine:
     """Answers each prompt with a text naming its seed; a repeated prompt is fully cached but its
     last token, as vLLM's prefix cache would do."""
 
-    calls: list[tuple[list[str], Any]] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    calls: list[tuple[list[dict[str, list[int]]], Any]] = field(default_factory=list)
+    seen: set[tuple[int, ...]] = field(default_factory=set)
+    tokenizer: StandInTokenizer = field(default_factory=StandInTokenizer)
 
     def get_tokenizer(self) -> StandInTokenizer:
-        return StandInTokenizer()
+        return self.tokenizer
 
-    def generate(self, prompts: list[str], params: Any, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, prompts: list[Any], params: Any, use_tqdm: bool = True) -> list[RequestOutput]:
+        assert all(set(p) == {"prompt_token_ids"} for p in prompts), "token-id prompts only"
         self.calls.append((prompts, params))
         if isinstance(params, dict):  # one params object for all prompts (judge path)
             return [self._judge(p) for p in prompts]
         return [self._sample(p, sp) for p, sp in zip(prompts, params, strict=True)]
 
-    def _sample(self, prompt: str, sp: dict[str, Any]) -> RequestOutput:
-        ids = list(range(len(prompt.split())))
-        cached = len(ids) - 1 if prompt in self.seen else 0
-        self.seen.add(prompt)
+    def _sample(self, prompt: dict[str, list[int]], sp: dict[str, Any]) -> RequestOutput:
+        ids = list(prompt["prompt_token_ids"])
+        cached = len(ids) - 1 if tuple(ids) in self.seen else 0
+        self.seen.add(tuple(ids))
         n_tokens = min(sp["max_tokens"], 3 + sp["seed"] % 4)
         finish = "length" if n_tokens == sp["max_tokens"] else "stop"
         text = f"seed={sp['seed']} T={sp['temperature']}" + ("\ufffd" if sp["seed"] == 13 else "")
         return RequestOutput(ids, [Completion(text, list(range(n_tokens)), finish)], cached)
 
-    def _judge(self, prompt: str) -> RequestOutput:
+    def _judge(self, prompt: dict[str, list[int]]) -> RequestOutput:
         first = {
             7: Logprob(math.log(0.6), "A"),
             8: Logprob(math.log(0.2), " B"),
@@ -100,9 +111,10 @@ def test_one_engine_request_per_sample_with_its_seed(backend: VLLMBackend, engin
     out = backend.generate(requests)
     assert len(engine.calls) == 1
     prompts, params = engine.calls[0]
-    assert prompts == ["<user>question a with words<assistant>"] * 3 + [
-        "<user>question b with words<assistant>"
-    ]
+    tok = engine.tokenizer
+    a = {"prompt_token_ids": tok.ids("<user>question a with words<assistant>")}
+    b = {"prompt_token_ids": tok.ids("<user>question b with words<assistant>")}
+    assert prompts == [a] * 3 + [b]
     assert [p["seed"] for p in params] == [3, 1, 2, 7]
     assert all(p["n"] == 1 for p in params)
     assert params[0] == {
@@ -143,3 +155,61 @@ def test_next_token_probs_from_logprobs(backend: VLLMBackend, engine: StandInEng
     _, params = engine.calls[-1]
     assert params == {"n": 1, "temperature": 0.0, "max_tokens": 1, "logprobs": 20}
     assert probs["A"] == pytest.approx(0.75) and probs["B"] == pytest.approx(0.25) and probs["C"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_model_dir) -> Any:
+    """The tiny model's tokenizer made Llama-3-like: a BOS that encoding text adds, and a chat
+    template that starts with that BOS."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+@dataclass
+class TokenizingEngine(StandInEngine):
+    """Tokenizes what it gets as vLLM does: text with special tokens (a BOS on top), token ids as
+    they are. Records the ids each request ran on."""
+
+    ran_on: list[list[int]] = field(default_factory=list)
+    real: Any = None
+
+    def get_tokenizer(self) -> Any:
+        return self.real
+
+    def generate(self, prompts: list[Any], params: Any, use_tqdm: bool = True) -> list[RequestOutput]:
+        out = []
+        for p, sp in zip(prompts, params, strict=True):
+            ids = self.real(p).input_ids if isinstance(p, str) else list(p["prompt_token_ids"])
+            self.ran_on.append(ids)
+            out.append(self._sample({"prompt_token_ids": ids}, sp))
+        return out
+
+
+def test_prompts_reach_the_engine_as_one_tokenization_with_one_bos(bos_tokenizer: Any) -> None:
+    engine = TokenizingEngine(real=bos_tokenizer)
+    backend = VLLMBackend(engine, "m", sampling_params=lambda **kw: kw)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    backend.generate([GenRequest("a", messages, seeds=(1, 2))])
+
+    expected = bos_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)[
+        "input_ids"
+    ]
+    assert expected.count(bos_tokenizer.bos_token_id) == 1 and expected[0] == bos_tokenizer.bos_token_id
+    assert (
+        bos_tokenizer(backend.render(messages)).input_ids[:2] == [bos_tokenizer.bos_token_id] * 2
+    )  # text: 2 BOS
+    assert engine.ran_on == [expected, expected]

@@ -189,3 +189,45 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_dir: Path) -> Non
     examples, counts = midtrain.to_prompt_completion([sft_row(1)])
     with pytest.raises(TrainingDataError, match="no chat template"):
         midtrain.check_examples(examples, tok, 1024, counts)
+
+
+def test_one_length_setting_drops_and_counts(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 defect 5: midtrain.max_length is the one length setting: it is TRL's max_length and
+    the limit that drops (and counts) long rows, not a silent TRL truncation next to another limit."""
+    from manyways.stages import midtrain
+
+    long_row = sft_row(
+        5, messages=[{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one " * 300}]
+    )
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "midtrain.max_length=128", "midtrain.max_steps=1")
+    assert cfg.midtrain.length_limit == 128
+    assert midtrain.sft_args(cfg, tmp_path / "args").max_length == 128
+    select = make_select_dir(cfg.run_dir, [long_row, sft_row(1), {**sft_row(2), "messages": []}])
+    with caplog.at_level("WARNING", logger="manyways.stages.midtrain"):
+        manifest = midtrain.run(cfg, cfg.run_dir / "midtrain", inputs={"select": select}, show_progress=False)
+    counts = manifest["counts"]
+    assert counts["dropped_too_long"] == 1 and counts["dropped_no_assistant_turn"] == 1
+    assert counts["dropped"] == 2 and counts["rows"] == 3 and counts["examples"] == 1
+    assert "2 of 3 rows dropped" in caplog.text and "dropped_too_long=1" in caplog.text
+
+
+def test_disagreeing_length_settings_are_a_config_error(tmp_path: Path, repo_root: Path) -> None:
+    from manyways.config import ConfigError
+
+    for trl_only in (["midtrain.trl={max_length: 2048}"], ["midtrain.max_length=1024", "midtrain.trl={max_length: 2048}"]):
+        with pytest.raises(ConfigError, match=r"midtrain.trl.max_length duplicates midtrain.max_length"):
+            load_config(None, trl_only)
+    assert load_config(None, ["midtrain.max_length=512"]).midtrain.length_limit == 512
+    assert load_config(None).midtrain.length_limit == 1024
+    assert load_config(repo_root / "configs/paper_llama3b.yaml").midtrain.length_limit == 2048
+
+
+def test_the_fingerprint_holds_the_length_in_force() -> None:
+    from manyways.stages import midtrain
+
+    default = midtrain.stage_config(load_config(None))
+    assert default["midtrain"]["max_length"] == 1024  # as before max_length became optional
+    explicit = midtrain.stage_config(load_config(None, ["midtrain.max_length=2048"]))
+    assert explicit["midtrain"]["max_length"] == 2048

@@ -95,7 +95,21 @@ class VerifySection(Section):
     )
 
 
-class ScoreSection(Section):
+class ExecutorFields(Section):
+    """Where a sampling or scoring stage runs its shards (as ``generate``'s keys of the same names)."""
+
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: in this process; ray: shards over Ray actors, one engine each."
+    )
+    workers: int = Field(1, ge=1, description="ray: actors, each loading its model once.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster; None starts a local one.")
+    ray_num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster started on demand.")
+
+
+EXECUTOR_KEYS = ("executor", "workers", "ray_address", "ray_num_cpus")
+
+
+class ScoreSection(ExecutorFields):
     scorer: Literal["judge", "reward_model", "none"] = Field(
         "judge",
         description="judge: P(Yes) of an LLM asked whether the trace follows its heuristic; "
@@ -147,6 +161,9 @@ class LoraSection(Section):
     merge: bool = Field(True, description="Merge adapters into the saved model (else save the adapter only).")
 
 
+DEFAULT_MIDTRAIN_MAX_LENGTH = 1024
+
+
 class MidtrainSection(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     epochs: float = Field(
@@ -158,8 +175,12 @@ class MidtrainSection(Section):
     )
     batch_size: int = Field(4, ge=1, description="Sequences per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(
-        1024, ge=16, description="Longer examples are dropped (counted); all too long stops."
+    max_length: int | None = Field(
+        None,
+        ge=16,
+        description="Longest example in tokens; longer ones are dropped (counted in the manifest, "
+        "logged), all too long stops. The one length setting: TRL's max_length is this value. "
+        "None = midtrain.trl.max_length if set, else 1024; both set and different is an error.",
     )
     save_steps: int = Field(50, ge=1, description="Checkpoint every n steps (the unit of resume).")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
@@ -180,6 +201,11 @@ class MidtrainSection(Section):
         if problems := shadowed_trl_keys("midtrain", self.trl):
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def length_limit(self) -> int:
+        """The one length setting: ``max_length``, else 1024 (``trl.max_length`` is refused above)."""
+        return self.max_length if self.max_length is not None else DEFAULT_MIDTRAIN_MAX_LENGTH
 
 
 class RLSection(Section):
@@ -231,7 +257,7 @@ class RLSection(Section):
         return self
 
 
-class EvaluateSection(Section):
+class EvaluateSection(ExecutorFields):
     samples: int = Field(8, ge=1, description="Completions per problem (n >= the largest k).")
     ks: list[int] | None = Field(None, description="k values; None = 1, 2, 4, ... n.")
     backend: BackendConfig = Field(default_factory=BackendConfig)

@@ -37,6 +37,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from manyways.artifacts import append_metrics, write_json_atomic
+from manyways.ranks import gather_lists
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,66 @@ FAULT_ENV = "MANYWAYS_FAULT_BEFORE_MARKER"
 
 class TrainingDataError(ValueError):
     """The training data cannot be trained on; raised before training starts."""
+
+
+def load_trainable_model(path: str) -> Any:
+    """The causal LM to train, with fp32 weights whatever dtype it was saved in.
+
+    transformers 5 loads ``dtype="auto"``: a model saved in bfloat16 (Llama 3.2) would be trained
+    with AdamW writing straight into bf16 weights, where an update of 1e-6 to a weight of 0.02
+    rounds away (bf16 keeps 8 significant bits). Weights and optimizer state therefore stay fp32;
+    bf16 enters only as the trainer's autocast (``bf16=True``). Under DeepSpeed the engine casts
+    the module to bf16 itself and keeps the fp32 master copy in its optimizer.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class MasterWeightsCallback(TrainerCallback):
+    """Checks, as the first optimizer step begins, that the weights the optimizer updates are fp32.
+
+    ``dtypes`` (the dtypes of the trainable parameters) goes into the stage's manifest. Under
+    DeepSpeed (``args.deepspeed`` set) the module may hold bf16 weights because the engine keeps
+    fp32 masters in its optimizer; anywhere else a trainable weight that is not fp32 stops training.
+    """
+
+    def __init__(self) -> None:
+        self.dtypes: list[str] = []
+        self.fp32_masters = ""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> Any:
+        if self.dtypes or model is None:
+            return control
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.dtypes = sorted({_dtype_name(p.dtype) for p in trainable})
+        if getattr(args, "deepspeed", None):
+            self.fp32_masters = "deepspeed optimizer"
+        elif self.dtypes == ["float32"]:
+            self.fp32_masters = "weights"
+        else:
+            raise RuntimeError(
+                f"trainable weights are {self.dtypes}, not float32: optimizer updates smaller than "
+                "the dtype's resolution would round away (load with manyways.training."
+                "load_trainable_model, or train under a DeepSpeed config that keeps fp32 masters)"
+            )
+        return control
+
+    def summary(self) -> dict[str, Any]:
+        return {"trainable_dtypes": self.dtypes, "fp32_masters": self.fp32_masters}
+
+
+def master_weights_summary(trainer: Any) -> dict[str, Any]:
+    """The manifest fields of the trainer's :class:`MasterWeightsCallback` (empty without one)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, MasterWeightsCallback):
+            return callback.summary()
+    return {}
 
 
 def use_bf16(dtype: str) -> bool:
@@ -254,7 +315,8 @@ def example_key(input_ids: Any) -> str:
 
 
 class SampleLog(TrainerCallback):
-    """Logs which examples each optimizer step consumed, as ``{"step", "ids"}`` JSON lines.
+    """Logs which examples each optimizer step consumed, as ``{"step", "ids"}`` JSON lines
+    (under a multi-process launch the ids of all ranks, in rank order; rank 0 writes).
 
     :meth:`wrap` wraps the trainer's data collator to note the sample ids of every batch it builds
     (``ids_by_key`` maps :func:`example_key` of ``input_ids`` to an id); ``on_step_end`` then writes
@@ -278,6 +340,7 @@ class SampleLog(TrainerCallback):
         batches = [
             self.pending.popleft() for _ in range(min(args.gradient_accumulation_steps, len(self.pending)))
         ]
+        ids = gather_lists([i for b in batches for i in b])  # every rank's batches of this step
         if state.is_world_process_zero:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(
@@ -285,7 +348,7 @@ class SampleLog(TrainerCallback):
                         {
                             "step": state.global_step,
                             "pid": os.getpid(),
-                            "ids": [i for b in batches for i in b],
+                            "ids": ids,
                         }
                     )
                     + "\n"

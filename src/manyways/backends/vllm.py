@@ -2,8 +2,11 @@
 
 vLLM seeds per request, not per sample, so every sample is sent as its own n=1 request with its
 own seed: sample ``i`` then depends only on (prompt, seeds[i], parameters), and the prefix cache
-makes the repeated prompts cheap. Prompts are chat-templated with the engine's tokenizer and
-passed as text to ``LLM.generate`` with one ``SamplingParams`` per sample. The engine and the
+makes the repeated prompts cheap. Prompts are chat-templated *and tokenized once* with the engine's
+tokenizer and passed as token ids (vLLM's ``TokensPrompt``: ``{"prompt_token_ids": [...]}``) to
+``LLM.generate`` with one ``SamplingParams`` per sample. Text would be tokenized again by vLLM
+with special tokens, so a template that starts with a BOS (Llama 3's ``<|begin_of_text|>``) would
+give the model two BOS tokens, unlike training (TRL tokenizes the template once). The engine and the
 ``SamplingParams`` factory can be injected, which is how the tests run without vLLM installed.
 GPU: ``BackendConfig(kind="vllm", vllm={"gpu_memory_utilization": 0.85})``.
 """
@@ -69,8 +72,16 @@ class VLLMBackend:
         return cls(engine, model_id, sampling_params=vllm.SamplingParams)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
-        """The chat-templated prompt text, ready for the assistant's turn."""
+        """The chat-templated prompt text, ready for the assistant's turn (for logs and checks)."""
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def prompt(self, messages: Sequence[dict[str, str]]) -> dict[str, list[int]]:
+        """vLLM's ``TokensPrompt``: the chat template tokenized once, ready for the assistant's
+        turn; the template's own BOS is the only one (no special tokens are added on top)."""
+        ids = self.tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return {"prompt_token_ids": [int(i) for i in ids]}
 
     def _params(self, request: GenRequest, seed: int) -> Any:
         return self.sampling_params(
@@ -86,14 +97,14 @@ class VLLMBackend:
         self, requests: Sequence[GenRequest], progress: ProgressCallback | None = None
     ) -> list[list[GenSample]]:
         """One engine request per sample, all submitted in one ``LLM.generate`` call."""
-        prompts: list[str] = []
+        prompts: list[dict[str, list[int]]] = []
         params: list[Any] = []
         owner: list[int] = []
         for i, request in enumerate(requests):
             check_request(request)
-            text = self.render(request.messages)
+            prompt = self.prompt(request.messages)
             for seed in request.seeds:
-                prompts.append(text)
+                prompts.append(prompt)
                 params.append(self._params(request, seed))
                 owner.append(i)
         outputs = self.engine.generate(prompts, params, use_tqdm=False) if prompts else []
@@ -125,7 +136,7 @@ class VLLMBackend:
         self, messages_list: Sequence[list[dict[str, str]]], top_k: int = 20
     ) -> list[dict[str, float]]:
         """The engine's ``top_k`` likeliest first tokens (decoded text -> log-probability)."""
-        prompts = [self.render(m) for m in messages_list]
+        prompts = [self.prompt(m) for m in messages_list]
         params = self.sampling_params(n=1, temperature=0.0, max_tokens=1, logprobs=top_k)
         outputs = self.engine.generate(prompts, params, use_tqdm=False)
         out = []

@@ -12,7 +12,8 @@ sampled from plain prompts (code problems: a "complete this function" system lin
 not depend on the model, so models are compared on common random numbers. Each completion is
 judged by :func:`manyways.verify.registry.verify_many` (the function the verify stage and the
 GRPO reward use). Problems whose gold cannot be parsed (``bad_gold``) are excluded from the
-statistics but counted.
+statistics but counted. Units run over ``evaluate.executor`` (local, or Ray actors with one engine
+and its GPUs each: :func:`manyways.executor.map_shards`); the output does not depend on it.
 
 Outputs under ``<run>/evaluate/``: ``problems/<benchmark>.parquet``; ``shards/part-*.parquet``
 (one per (model, benchmark) unit, the unit of resume; :data:`EVAL_SAMPLE_SCHEMA` rows);
@@ -47,7 +48,7 @@ from manyways.artifacts import (
 )
 from manyways.backends.config import BackendConfig, make_backend
 from manyways.backends.protocol import GenerationBackend, GenRequest, GenSample
-from manyways.config import Config
+from manyways.config import EXECUTOR_KEYS, Config
 from manyways.data.sources import GymSource, HumanEvalSource, ProblemSource
 from manyways.heuristics import render_plain_messages
 from manyways.metrics import bootstrap_ci, default_ks, mean_at_n, pass_at_k_per_problem
@@ -116,7 +117,7 @@ def stage_config(cfg: Config, models: dict[str, str] | None = None) -> dict[str,
         "run": {"seed": cfg.run.seed},
         "model": {"name": cfg.model.name},
         "benchmarks": {k: v.model_dump(mode="json") for k, v in benchmarks(cfg).items()},
-        "evaluate": data["evaluate"],
+        "evaluate": {k: v for k, v in data["evaluate"].items() if k not in EXECUTOR_KEYS},
         "verify": {"timeout_s": cfg.verify.timeout_s},
         "models": models or {},
     }
@@ -279,26 +280,69 @@ def _units(models: dict[str, str], benches: dict[str, Any]) -> list[tuple[int, s
     return [(i, label, bench) for i, (label, bench) in enumerate((m, b) for m in models for b in benches)]
 
 
-def _evaluate_model(
-    stage: StageDir,
-    cfg: Config,
-    label: str,
-    path: str,
-    todo: list[tuple[int, str]],
-    problems: dict[str, list[Problem]],
-    factory: BackendFactory,
-    bar: Progress,
+class EvaluateWorker:
+    """Samples and verifies whole (model, benchmark) units; keeps one back-end, the model of its
+    last unit (units of one model go to the same worker where possible: the executor's affinity)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], factory: BackendFactory | None = None) -> None:
+        from manyways.config import config_from_dict
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.factory = factory or make_backend
+        self.path: str | None = None
+        self.backend: GenerationBackend | None = None
+
+    def _backend(self, path: str) -> GenerationBackend:
+        if self.backend is None or path != self.path:
+            self.close()
+            self.backend = self.factory(self.cfg.evaluate.backend.model_copy(update={"model": None}), path)
+            self.path = path
+        return self.backend
+
+    def __call__(self, unit: dict[str, Any]) -> dict[str, Any]:
+        problems = [Problem(**p) for p in unit["problems"]]
+        samples = sample_unit(self._backend(unit["path"]), self.cfg, problems, unit.get("progress"))
+        verdicts = verify_samples(samples, self.cfg.verify.timeout_s)
+        rows, counters = unit_rows(unit["label"], unit["bench"], samples, verdicts)
+        return {"rows": rows, "counters": counters}
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self.path = None, None
+
+
+def _evaluate_units(
+    stage: StageDir, cfg: Config, units: list[tuple[int, Any]], factory: BackendFactory | None, bar: Progress
 ) -> None:
-    backend = factory(cfg.evaluate.backend.model_copy(update={"model": None}), path)
-    try:
-        for index, bench in todo:
-            samples = sample_unit(backend, cfg, problems[bench], bar.update)
-            verdicts = verify_samples(samples, cfg.verify.timeout_s)
-            rows, counters = unit_rows(label, bench, samples, verdicts)
-            stage.write_shard(index, pa.Table.from_pylist(rows, schema=EVAL_SAMPLE_SCHEMA), counters)
-            log.info("%s / %s: %d/%d samples correct", label, bench, counters.get("correct", 0), len(rows))
-    finally:
-        backend.close()
+    """Run the units over ``evaluate.executor`` (local, or Ray actors with a GPU share each);
+    the driver alone writes the unit shards, so the output does not depend on the executor."""
+    import functools
+
+    from manyways.executor import backend_gpus, map_shards
+
+    e = cfg.evaluate
+
+    def on_result(index: int, result: dict[str, Any]) -> None:
+        rows, counters = result["rows"], result["counters"]
+        stage.write_shard(index, pa.Table.from_pylist(rows, schema=EVAL_SAMPLE_SCHEMA), counters)
+        log.info("unit %d: %d/%d samples correct", index, counters.get("correct", 0), len(rows))
+        if e.executor != "local":
+            bar.update(len(rows))
+
+    if e.executor == "local":
+        units = [(i, {**unit, "progress": bar.update}) for i, unit in units]
+    map_shards(
+        functools.partial(EvaluateWorker, cfg.to_dict(), factory),
+        units,
+        on_result,
+        executor=e.executor,
+        workers=e.workers,
+        ray_address=e.ray_address,
+        ray_num_cpus=e.ray_num_cpus,
+        num_gpus=backend_gpus(e.backend),
+        affinity=lambda unit: unit["path"],
+    )
 
 
 def run(
@@ -339,10 +383,11 @@ def run(
         len(units),
     )
     bar = Progress(total=total, desc=STAGE, enabled=show_progress)
-    for label, path in models.items():
-        mine = [(i, b) for i, m, b in todo if m == label]
-        if mine:
-            _evaluate_model(stage, cfg, label, path, mine, problems, backend_factory or make_backend, bar)
+    work = [
+        (i, {"label": m, "path": models[m], "bench": b, "problems": [p.__dict__ for p in problems[b]]})
+        for i, m, b in todo
+    ]
+    _evaluate_units(stage, cfg, work, backend_factory, bar)
     bar.close()
     return _finish(stage, cfg, models, out_dir)
 

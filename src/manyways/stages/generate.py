@@ -24,7 +24,7 @@ from typing import Any
 from manyways.artifacts import StageDir, append_metrics, chunks, unit_seed
 from manyways.backends.protocol import GenRequest, GenSample
 from manyways.config import Config
-from manyways.executor import map_shards
+from manyways.executor import backend_gpus, map_shards
 from manyways.heuristics import (
     Heuristic,
     load_catalogue,
@@ -252,6 +252,7 @@ def run(
         workers=cfg.generate.workers,
         ray_address=cfg.generate.ray_address,
         ray_num_cpus=cfg.generate.ray_num_cpus,
+        num_gpus=backend_gpus(cfg.generate.backend),
     )
     bar.close()
     counts: Counter[str] = Counter()

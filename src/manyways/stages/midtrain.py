@@ -6,11 +6,15 @@ conversation becomes a conversational prompt-completion pair (all messages but t
 prompt, the final assistant turn as the completion), so with ``completion_only_loss`` the loss
 covers the assistant's trace only, whatever the chat template (SmolLM2's has no generation markers
 for ``assistant_only_loss``). Full fine-tuning or LoRA (``midtrain.lora``, merged on save unless
-``lora.merge`` is false). bf16 autocast where the hardware supports it, else fp32.
+``lora.merge`` is false). Trainable weights are fp32 whatever the saved dtype
+(:func:`manyways.training.load_trainable_model`); bf16 only as autocast, where the hardware
+supports it.
 
 Bad input stops before training with a clear message: no rows, conversations that do not end in a
 non-empty assistant turn, a tokenizer without a chat template, all examples longer than
-``midtrain.max_length`` (some too long: dropped and counted).
+``midtrain.max_length`` (some too long: dropped and counted). That length is the only one: TRL's
+``max_length`` is the same value (``MidtrainSection.length_limit``), so TRL never truncates what we
+kept, and every dropped row is counted in the manifest (``dropped_*``, ``dropped``) and logged.
 
 A rerun resumes from the newest *complete* checkpoint (see :mod:`manyways.training`).
 
@@ -33,8 +37,10 @@ import pyarrow.parquet as pq
 
 from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
+from manyways.ranks import open_stage
 from manyways.training import (
     CheckpointMarkerCallback,
+    MasterWeightsCallback,
     MetricsCallback,
     SampleLog,
     TrainingDataError,
@@ -43,7 +49,9 @@ from manyways.training import (
     example_key,
     final_loss,
     keep_cpu_allocations,
+    load_trainable_model,
     lora_config,
+    master_weights_summary,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
@@ -61,6 +69,7 @@ TRAIN_FILE = "train.parquet"
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the config this stage's output depends on."""
     data = cfg.to_dict()
+    data["midtrain"]["max_length"] = cfg.midtrain.length_limit  # the length in force, however set
     return {"model": data["model"], "midtrain": data["midtrain"], "seed": cfg.run.seed}
 
 
@@ -130,8 +139,6 @@ def check_examples(
         raise TrainingDataError(
             f"all {len(examples)} examples are longer than midtrain.max_length={max_length} tokens"
         )
-    if counts["dropped_too_long"]:
-        log.warning("%d examples longer than %d tokens dropped", counts["dropped_too_long"], max_length)
     return kept, tokens
 
 
@@ -148,7 +155,7 @@ def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
         "learning_rate": m.learning_rate,
         "per_device_train_batch_size": m.batch_size,
         "gradient_accumulation_steps": m.grad_accum,
-        "max_length": m.max_length,
+        "max_length": m.length_limit,
         "completion_only_loss": True,
         "save_strategy": "steps",
         "save_steps": m.save_steps,
@@ -169,13 +176,12 @@ def build_trainer(
 ) -> Any:
     """An ``SFTTrainer`` with our callbacks (checkpoint markers, metrics, sample log)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     from manyways.models import resolve_model_path
 
     keep_cpu_allocations()  # large per-step tensors reuse heap memory (manyways.training)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name))
+    model = load_trainable_model(resolve_model_path(cfg.model.name))
     dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = SFTTrainer(
         model=model,
@@ -186,6 +192,7 @@ def build_trainer(
         callbacks=[
             CheckpointMarkerCallback(cfg.midtrain.keep_checkpoints),
             MetricsCallback(out_dir.parent, STAGE),
+            MasterWeightsCallback(),
         ],
     )
     quiet_trainer(trainer)
@@ -215,14 +222,23 @@ def run(
     if "select" not in inputs:
         raise TrainingDataError("midtrain needs the select stage's output (inputs['select'])")
     stage = StageDir(out_dir, STAGE, stage_config(cfg), inputs={"select": inputs["select"]})
-    if stage.open(overwrite):
+    if open_stage(stage, overwrite):  # rank 0 alone deletes on overwrite
         log.info("%s already finished: %s", STAGE, out_dir)
         return read_manifest(out_dir)
     remove_stale_model_dirs(out_dir)
     rows = read_train_rows(inputs["select"])
     examples, counts = to_prompt_completion(rows)
     tokenizer = load_tokenizer(cfg.model.name)
-    examples, tokens = check_examples(examples, tokenizer, cfg.midtrain.max_length, counts)
+    examples, tokens = check_examples(examples, tokenizer, cfg.midtrain.length_limit, counts)
+    counts["dropped"] = sum(v for k, v in counts.items() if k.startswith("dropped_"))
+    if counts["dropped"]:
+        log.warning(
+            "%s: %d of %d rows dropped (%s)",
+            STAGE,
+            counts["dropped"],
+            len(rows),
+            ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith("dropped_")),
+        )
     trainer = build_trainer(cfg, out_dir, examples, tokenizer, show_progress)
     resume = resume_checkpoint(out_dir / "checkpoints")
     log.info(
@@ -264,6 +280,7 @@ def write_manifest(
             "fingerprint": stage.input_hashes["select"],
         },
         "bf16": bool(trainer.args.bf16),
+        **master_weights_summary(trainer),
     }
     manifest = stage.finish(dict(counts), extra)
     append_metrics(out_dir.parent, STAGE, {**dict(counts), "final_loss": loss, "wall_s": manifest["wall_s"]})

@@ -11,9 +11,12 @@ anything else of ``trl.GRPOConfig`` goes in ``rl.trl``, passed through untouched
 ``rl.use_vllm`` with ``rl.vllm_mode`` colocate (vLLM inside the trainer) or server (start
 ``trl vllm-serve --model PATH`` first; ``rl.trl.vllm_server_base_url`` points at it).
 
-A rerun resumes from the newest complete checkpoint (:mod:`manyways.training`). Metrics (reward
-mean/std, frac_reward_zero_std, completion lengths, KL when beta > 0, verifier timeouts) go to the
-run's ``metrics.jsonl`` and any ``report_to`` target.
+The policy's trainable weights are fp32 whatever the saved dtype (bf16 only as the trainer's
+autocast: :func:`manyways.training.load_trainable_model`). A rerun resumes from the newest complete
+checkpoint (:mod:`manyways.training`). Metrics (reward mean/std, frac_reward_zero_std, completion
+lengths, KL when beta > 0, verifier timeouts) go to the run's ``metrics.jsonl`` and any
+``report_to`` target. The manifest's verifier counters are summed over all processes of a
+multi-process launch.
 
 Inputs: ``midtrain`` (optional). Outputs under ``<run>/rl/``: ``model/`` (HF model directory,
 written under a temporary name then renamed), ``checkpoints/``, ``manifest.json`` (written last).
@@ -31,17 +34,21 @@ from typing import Any
 from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
 from manyways.heuristics import render_plain_messages
+from manyways.ranks import open_stage, sum_over_processes
 from manyways.rewards import reward_functions
 from manyways.schema import Problem
 from manyways.training import (
     CheckpointMarkerCallback,
+    MasterWeightsCallback,
     MetricsCallback,
     TrainingDataError,
     cache_casts_during_generation,
     device_args,
     drop_checkpoints,
     keep_cpu_allocations,
+    load_trainable_model,
     lora_config,
+    master_weights_summary,
     quiet_trainer,
     remove_stale_model_dirs,
     resume_checkpoint,
@@ -154,7 +161,6 @@ def build_trainer(
     cfg: Config, out_dir: Path, model_path: str, problems: list[Problem], show_progress: bool = False
 ) -> tuple[Any, Any]:
     """A ``GRPOTrainer`` with our rewards and callbacks; returns (trainer, correctness reward)."""
-    from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
     from manyways.models import load_tokenizer
@@ -167,7 +173,7 @@ def build_trainer(
     )
     args = grpo_args(cfg, out_dir, weights, show_progress)
     keep_cpu_allocations()  # large per-step tensors reuse heap memory (manyways.training)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model = load_trainable_model(model_path)
     correctness = funcs[0]
     metrics = MetricsCallback(
         out_dir.parent, STAGE, extra=lambda: {"verifier_timeouts": correctness.counts["status_timeout"]}
@@ -179,7 +185,7 @@ def build_trainer(
         train_dataset=prompt_dataset(problems),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.rl.lora),
-        callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics],
+        callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics, MasterWeightsCallback()],
     )
     cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
     return quiet_trainer(trainer), correctness
@@ -196,7 +202,7 @@ def run(
     """Run the stage into ``out_dir``; returns the manifest (existing one when already done)."""
     inputs = {k: Path(v) for k, v in (inputs or {}).items() if k == "midtrain"}
     stage = StageDir(out_dir, STAGE, stage_config(cfg), inputs=inputs)
-    if stage.open(overwrite):
+    if open_stage(stage, overwrite):  # rank 0 alone deletes on overwrite
         log.info("%s already finished: %s", STAGE, out_dir)
         return read_manifest(out_dir)
     remove_stale_model_dirs(out_dir)
@@ -212,8 +218,9 @@ def run(
         f"resuming from {resume.name}" if resume else "from the start",
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    verifier = sum_over_processes(correctness.totals())  # each rank verified its own completions
     if save_trained_model(trainer, trainer.processing_class, out_dir / "model", merge_lora=cfg.rl.lora.merge):
-        write_manifest(stage, trainer, correctness, load_counts, model_path, resume)
+        write_manifest(stage, trainer, verifier, load_counts, model_path, resume)
     trainer.accelerator.wait_for_everyone()  # other ranks return the manifest the main process wrote
     if trainer.accelerator.is_main_process and (out_dir / "manifest.json").is_file():
         drop_checkpoints(out_dir, cfg.rl.keep_checkpoints_when_done)
@@ -223,7 +230,7 @@ def run(
 def write_manifest(
     stage: StageDir,
     trainer: Any,
-    correctness: Any,
+    verifier: dict[str, int],
     load_counts: dict[str, int],
     model_path: str,
     resume: Path | None,
@@ -232,9 +239,7 @@ def write_manifest(
     out_dir = stage.path
     problems = trainer.train_dataset
     counts: Counter[str] = Counter({f"load_{k}": v for k, v in load_counts.items()})
-    counts.update(
-        {"problems": len(problems), "global_step": trainer.state.global_step, **correctness.totals()}
-    )
+    counts.update({"problems": len(problems), "global_step": trainer.state.global_step, **verifier})
     summary = summarize_history(trainer.state.log_history)
     manifest = stage.finish(
         dict(counts),
@@ -244,6 +249,7 @@ def write_manifest(
             "vanilla": "midtrain" not in stage.inputs,
             "resumed_from": resume.name if resume else None,
             "bf16": bool(trainer.args.bf16),
+            **master_weights_summary(trainer),
             **summary,
         },
     )

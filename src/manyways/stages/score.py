@@ -5,7 +5,8 @@ attempt judged ``incorrect``), ``score.scorer`` gives an adherence score (see
 :mod:`manyways.scorers`): ``judge`` (P(Yes) of an LLM judge), ``reward_model`` (the logit of a
 sequence-classification reward model) or ``none`` (0 for all). Scores are cached by content hash
 under ``<MANYWAYS_CACHE>/scores/`` (or ``score.cache_dir``), so re-scoring the same text costs
-nothing; hits are counted in the manifest.
+nothing; hits are counted in the manifest. Shards run over ``score.executor`` (local, or Ray actors
+with a scorer and the GPUs it needs each: :func:`manyways.executor.map_shards`), output identical.
 
 Inputs: ``generate`` (``problems.parquet`` + attempt shards) and ``verify`` (verdict shards).
 Outputs under ``<run>/score/``: ``shards/part-*.parquet`` (:class:`~manyways.schema.ScoreRow`
@@ -24,7 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from manyways.artifacts import StageDir, append_metrics, read_manifest
-from manyways.config import Config
+from manyways.config import EXECUTOR_KEYS, Config
 from manyways.heuristics import Heuristic, load_catalogue
 from manyways.progress import Progress
 from manyways.schema import SCORE_SCHEMA, ScoreRow, rows_to_table
@@ -38,7 +39,8 @@ STAGE = "score"
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the config the scores depend on (the cache location is not part of it)."""
     section = cfg.score.model_dump(mode="json")
-    section.pop("cache_dir")
+    for key in ("cache_dir", *EXECUTOR_KEYS):  # where scores are cached or computed changes no score
+        section.pop(key)
     if cfg.score.scorer == "none":
         return {"score": {"scorer": "none", "include_incorrect": cfg.score.include_incorrect}}
     return {"score": section, "model": cfg.model.name, "catalogue": cfg.heuristics.catalogue}
@@ -106,29 +108,74 @@ def open_cache(cfg: Config) -> ScoreCache | None:
     return ScoreCache(root / "scores.sqlite")
 
 
+def scorer_gpus(section: Any) -> float | str:
+    """GPUs one scoring worker needs: the judge's back-end's (:func:`~manyways.executor.backend_gpus`);
+    a reward model 1 on cuda, "auto" (1 where the cluster has GPUs) when the device is left open."""
+    from manyways.executor import backend_gpus
+
+    if section.scorer == "judge":
+        return backend_gpus(section.backend)
+    if section.scorer == "reward_model":
+        if section.device is None:
+            return "auto"
+        return 1 if str(section.device).startswith("cuda") else 0
+    return 0
+
+
+class ScoreWorker:
+    """Scores whole shards (read from the generate and verify directories, which Ray workers on
+    other machines must see on a shared file system, as they see the models); holds the scorer,
+    whose model is loaded on the first cache miss, and a connection to the shared score cache."""
+
+    def __init__(self, cfg_dict: dict[str, Any], generate_dir: str, verify_dir: str) -> None:
+        from manyways.config import config_from_dict
+        from manyways.data import read_problems
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.gen, self.ver = Path(generate_dir), Path(verify_dir)
+        self.questions = {p.problem_id: p.question for p in read_problems(self.gen / "problems.parquet")}
+        self.heuristics = {h.id: h for h in load_catalogue(self.cfg.heuristics.catalogue).heuristics}
+        self.scorer = LazyScorer(self.cfg.score, self.cfg.model.name)
+        self.cache = open_cache(self.cfg)
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        attempts, verdicts = read_shard(self.gen, index), read_shard(self.ver, index)
+        rows, items = shard_items(
+            attempts, verdicts, wanted_statuses(self.cfg), self.questions, self.heuristics
+        )
+        out, counters = score_shard(self.scorer, self.cache, rows, items) if items else ([], {"rows": 0})
+        return {"rows": out, "counters": {**counters, "attempts": len(attempts)}}
+
+    def close(self) -> None:
+        self.scorer.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
 def score_shards(
     cfg: Config, stage: StageDir, inputs: dict[str, Path], todo: list[int], bar: Progress
 ) -> None:
-    """Score and write the given shards; the scorer's model is loaded only for cache misses."""
-    from manyways.data import read_problems
+    """Score and write the given shards over ``score.executor`` (local or Ray actors, one scorer
+    each, each with the GPUs its back-end needs); the driver alone writes shards."""
+    import functools
 
-    gen, ver = inputs["generate"], inputs["verify"]
-    questions = {p.problem_id: p.question for p in read_problems(gen / "problems.parquet")}
-    heuristics = {h.id: h for h in load_catalogue(cfg.heuristics.catalogue).heuristics}
-    scorer = LazyScorer(cfg.score, cfg.model.name)
-    cache = open_cache(cfg)
-    try:
-        for i in todo:
-            attempts, verdicts = read_shard(gen, i), read_shard(ver, i)
-            rows, items = shard_items(attempts, verdicts, wanted_statuses(cfg), questions, heuristics)
-            out, counters = score_shard(scorer, cache, rows, items) if items else ([], {"rows": 0})
-            counters["attempts"] = len(attempts)
-            stage.write_shard(i, rows_to_table(out, SCORE_SCHEMA), counters)
-            bar.update(len(attempts))
-    finally:
-        scorer.close()
-        if cache is not None:
-            cache.close()
+    from manyways.executor import map_shards
+
+    def on_result(index: int, result: dict[str, Any]) -> None:
+        stage.write_shard(index, rows_to_table(result["rows"], SCORE_SCHEMA), result["counters"])
+        bar.update(result["counters"]["attempts"])
+
+    s = cfg.score
+    map_shards(
+        functools.partial(ScoreWorker, cfg.to_dict(), str(inputs["generate"]), str(inputs["verify"])),
+        [(i, i) for i in todo],
+        on_result,
+        executor=s.executor,
+        workers=s.workers,
+        ray_address=s.ray_address,
+        ray_num_cpus=s.ray_num_cpus,
+        num_gpus=scorer_gpus(s),
+    )
 
 
 def run(
