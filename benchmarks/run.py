@@ -72,6 +72,25 @@ def model_params() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def dtype_auto_decisions() -> dict[str, dict[str, Any]]:
+    """What ``dtype: auto`` decides on this machine for the default model, per workload, with the
+    rates it measured (cached per machine: measured on the first run only)."""
+    from manyways.dtype_auto import resolve_auto_dtype
+    from manyways.models import DEFAULT_MODEL
+
+    return {w: resolve_auto_dtype(w, DEFAULT_MODEL)[1] for w in ("generation", "training")}
+
+
+def dtype_auto_line(doc: dict[str, Any]) -> str:
+    """One sentence: auto's choice per workload and the bf16/fp32 rate ratio it was based on."""
+    parts = [
+        f"{w} {r['dtype']} (bf16/fp32 rate {r['bf16_over_fp32_median_ratio']:.2f}, measured {r['measured_at']})"
+        for w, r in (doc.get("dtype_auto") or {}).items()
+        if "bf16_over_fp32_median_ratio" in r
+    ]
+    return f"`dtype: auto` on this machine (default model): {'; '.join(parts)}." if parts else ""
+
+
 def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
     """Measure the bounds, then every selected figure; returns the results document."""
     from bounds import measure_bounds
@@ -104,6 +123,7 @@ def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
             figures += step()
             log.info("figures %s: %.0fs", sorted(numbers & only), time.perf_counter() - t0)
     doc["figures"] = [{**f.to_dict(), "run": doc["date"]} for f in sorted(figures, key=lambda f: f.number)]
+    doc["dtype_auto"] = dtype_auto_decisions()
     doc["load_average_end"] = load_average()
     doc["wall_s"] = time.perf_counter() - started
     if only >= ALL_FIGURES:
@@ -183,6 +203,7 @@ def generated_section(doc: dict[str, Any]) -> str:
             f"Bounds (1 thread): fp32 matmul {b['peak_fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 matmul "
             f"{b['peak_bf16_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
             f"{b['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s.",
+            *([line] if (line := dtype_auto_line(doc)) else []),
             "",
             table(doc),
             "",

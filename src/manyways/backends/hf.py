@@ -5,9 +5,9 @@ budget): for each group of its prompts that share a prefix (a heuristic's few-sh
 :func:`~manyways.backends.sampling.prefix_groups`) the prefix is prefilled once and each prompt's
 remainder once on top of it (left-padded after the prefix, with explicit position ids); the
 groups' caches are merged, left-padded to one length; then all sample rows decode together, each
-prompt's KV kept once for its samples (:mod:`manyways.backends.cascade`; with ``cascade=False``
-the cache is expanded to one row per sample); finished rows leave the batch. Every sample draws from its own
-``torch.Generator`` seeded with its seed, so it does not depend on its batch-mates except through
+prompt's KV kept once for all its samples (:mod:`manyways.backends.cascade`; with
+``cascade=False``, or one sample per prompt, the cache is expanded to one row per sample);
+finished rows leave the batch. Every sample draws from its own ``torch.Generator`` seeded with its seed, so it does not depend on its batch-mates except through
 floating-point effects of padding and batch shape (bit-identical in our fp32 CPU tests; in bf16 or
 on GPU a near-tie can occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
 every position run through the model in a prefill, padding included.
@@ -18,7 +18,8 @@ the cache) and, while :meth:`HFBackend.generate` runs, the model's attention swi
 the model's own attention setting is restored afterwards. ``kv_dtype`` (default: the model's
 dtype) is the dtype the cache is stored and attention computed in.
 
-CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto picks bf16 only where the CPU has it.
+CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto is the faster of bf16 and fp32 for
+generation at the model's shapes, measured once per machine (:mod:`manyways.dtype_auto`).
 """
 
 from __future__ import annotations
