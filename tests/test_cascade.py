@@ -95,6 +95,9 @@ def test_finished_rows_leave_and_unread_prompts_are_dropped() -> None:
     assert layer.keys.shape[0] == 3 and layer.get_seq_length() == 6
     with pytest.raises(NotImplementedError):
         cascade.batch_repeat_interleave(2)
+    # an attention that never saw the cascade (its model drops the forward's keyword arguments)
+    with pytest.raises(RuntimeError, match="did not receive cascade"):
+        cascade.update(*(torch.randn(3, 2, 1, 8, generator=gen) for _ in range(2)), 0)
     with pytest.raises(TypeError, match="GrowingLayer"):
         from transformers import DynamicCache
 

@@ -82,6 +82,21 @@ class CascadeLayer(GrowingLayer):
         self.prefix_v = prefix.values.contiguous()
         self.prefix_len = prefix.length
         self.dtype, self.device, self.is_initialized = prefix.dtype, prefix.device, True
+        self.unread = False  # an update whose attention has not run cascade_attention yet
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append to the suffix. Refuses when the previous step's attention did not go through
+        :func:`cascade_attention` (a model that does not pass the forward's keyword arguments on to
+        its attention would otherwise attend to the generated tokens only)."""
+        if self.unread:
+            raise RuntimeError(
+                "this model's attention did not receive cascade=<CascadeCache>; "
+                "decode it with cascade attention off (BackendConfig.cascade_attention: false)"
+            )
+        self.unread = True
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self) -> int:
         """Prefix plus generated positions (what the model's positions and masks count)."""
@@ -163,6 +178,7 @@ def cascade_attention(
     prompt's prefix and its own suffix (``key``/``value``: ``[rows, kv_heads, suffix, dim]``);
     ``attention_mask`` covers prefix + suffix (or is None). Returns ``[rows, kv_heads, group, dim]``
     in the values' dtype."""
+    layer.unread = False
     rows, heads, _, dim = query.shape
     kv_heads, prompts = key.shape[1], layer.prefix_kt.shape[0]
     group = heads // kv_heads
