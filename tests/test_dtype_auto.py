@@ -144,9 +144,9 @@ def test_shapes_from_configs_dicts_and_model_directories(tiny_model_dir: Path) -
         Shapes.of({"layers": 2})
 
 
-@pytest.mark.parametrize("workload", ["generation", "training"])
+@pytest.mark.parametrize(("workload", "budget_s", "pairs"), [("generation", 1e9, 5), ("training", 0.0, 3)])
 def test_the_measurement_runs_both_dtypes_interleaved_on_one_thread(
-    workload: str, monkeypatch: pytest.MonkeyPatch
+    workload: str, budget_s: float, pairs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
 
@@ -165,10 +165,11 @@ def test_the_measurement_runs_both_dtypes_interleaved_on_one_thread(
 
     monkeypatch.setitem(dtype_auto.SAMPLERS, workload, traced)
     monkeypatch.setattr(dtype_auto, "MIN_SAMPLE_S", 0.0)  # one step per sample: a quick test
+    monkeypatch.setattr(dtype_auto, "BUDGET_S", budget_s)  # no budget left: the fewest pairs
     threads = torch.get_num_threads()
     rates = dtype_auto.measure(Shapes(64, 128, 2), workload)
     assert torch.get_num_threads() == threads
-    assert {k: len(v) for k, v in rates.items()} == {"float32": 5, "bfloat16": 5}
+    assert {k: len(v) for k, v in rates.items()} == {"float32": pairs, "bfloat16": pairs}
     assert all(r > 0 for v in rates.values() for r in v)
     timed = order[4:]  # after two warm-ups and two calibration steps
-    assert timed == ["float32", "bfloat16"] * 5
+    assert timed == ["float32", "bfloat16"] * pairs

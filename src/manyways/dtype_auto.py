@@ -8,9 +8,10 @@ shapes in both dtypes, interleaved (fp32, bf16, fp32, bf16, ...), and picks the 
 higher median rate (fp32 on a tie):
 
 - ``generation``: ``rows`` (16) decode rows through the up- and down-projections
-  (hidden x intermediate, intermediate x hidden) of as many layers as the model has (weights at
-  most 64 MiB in fp32, so they stream from memory as in decode), weights stored in the dtype;
-- ``training``: one forward and backward of ``tokens`` (256) through the same two projections,
+  (hidden x intermediate, intermediate x hidden) of as many layers as the model has (at most
+  128 MiB of fp32 weights; more than a CPU cache holds, so they stream from memory as in decode),
+  weights stored in the dtype;
+- ``training``: one forward and backward of ``tokens`` (128) through the same two projections,
   fp32 weights, bf16 under CPU autocast (the weight casts included, as in the trainers).
 
 A CUDA device is bf16 without measuring. The decision is cached in
@@ -38,9 +39,11 @@ Workload = Literal["generation", "training"]
 WORKLOADS = ("generation", "training")
 CACHE_FILE = "dtype_auto.json"
 DECODE_ROWS = 16
-TRAIN_TOKENS = 256
-STREAM_BYTES = 64 * 2**20
-REPEATS = 5
+TRAIN_TOKENS = 128
+STREAM_BYTES = 128 * 2**20  # larger than CPU caches: decode streams its weights from memory
+REPEATS = 5  # interleaved pairs, fewer (MIN_REPEATS) where one pair takes over BUDGET_S / REPEATS
+MIN_REPEATS = 3
+BUDGET_S = 2.0
 MIN_SAMPLE_S = 0.02
 RECORD_VERSION = 1
 
@@ -109,10 +112,10 @@ def _generation_sampler(shapes: Shapes, dtype_name: str) -> tuple[Callable[[], N
     dtype = getattr(torch, dtype_name)
     per_layer = 2 * shapes.hidden * shapes.intermediate * 4
     layers = max(1, min(shapes.layers, STREAM_BYTES // per_layer))
-    gen = torch.Generator().manual_seed(0)
-    up = [torch.rand(shapes.intermediate, shapes.hidden, generator=gen).to(dtype) for _ in range(layers)]
-    down = [torch.rand(shapes.hidden, shapes.intermediate, generator=gen).to(dtype) for _ in range(layers)]
-    x = torch.rand(DECODE_ROWS, shapes.hidden, generator=gen).to(dtype)
+    # constant values: the rate does not depend on them, and filling is much faster than sampling
+    up = [torch.full((shapes.intermediate, shapes.hidden), 0.01, dtype=dtype) for _ in range(layers)]
+    down = [torch.full((shapes.hidden, shapes.intermediate), 0.01, dtype=dtype) for _ in range(layers)]
+    x = torch.full((DECODE_ROWS, shapes.hidden), 0.01, dtype=dtype)
 
     def step() -> None:
         with torch.inference_mode():
@@ -143,21 +146,25 @@ SAMPLERS = {"generation": _generation_sampler, "training": _training_sampler}
 
 
 def measure(shapes: Shapes, workload: str) -> dict[str, list[float]]:
-    """FLOP/s of the workload's step in fp32 and bf16, one thread, ``REPEATS`` interleaved pairs."""
+    """FLOP/s of the workload's step in fp32 and bf16, one thread, interleaved pairs (``REPEATS``,
+    or down to ``MIN_REPEATS`` when a pair takes longer than ``BUDGET_S / REPEATS``)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         steps = {name: SAMPLERS[workload](shapes, name) for name in ("float32", "bfloat16")}
-        inner = {}
+        inner, pair_s = {}, 0.0
         for name, (step, _) in steps.items():
             step()  # warm-up (kernel selection)
             start = time.perf_counter()
             step()
-            inner[name] = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-6)))
+            took = max(time.perf_counter() - start, 1e-6)
+            inner[name] = max(1, int(MIN_SAMPLE_S / took))
+            pair_s += inner[name] * took
+        repeats = max(MIN_REPEATS, min(REPEATS, int(BUDGET_S / pair_s)))  # slow steps: fewer pairs
         rates: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             for name, (step, flops) in steps.items():
                 start = time.perf_counter()
                 for _ in range(inner[name]):
