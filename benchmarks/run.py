@@ -5,7 +5,9 @@ reported) or a fraction of a bound measured in the same run (matmul rate, read b
 ``bounds.py``). Prints the table, writes ``bench_out/results.json`` and rewrites the generated
 section of BENCHMARKS.md (between the ``BEGIN GENERATED`` / ``END GENERATED`` markers).
 A run of a subset (``--only``) keeps the other figures of the previous ``results.json`` and says in
-the table which run measured each carried-over figure.
+the table which run measured each carried-over figure. ``bench_out/results_by_kind.json`` keeps
+the latest results per kind of CPU (AMX, AVX512-BF16 without AMX, neither: bf16's speed differs
+between them), and BENCHMARKS.md shows the other kinds' latest figures below this machine's.
 
 Usage: ``.venv/bin/python benchmarks/run.py [--repeats 3] [--only 1,2,4] [--no-markdown]``.
 Torch runs on 1 intra-op thread in this process (``OMP_NUM_THREADS=1``; the project's CPU default,
@@ -30,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, Figure, load_average, machine_facts, set_threads  # noqa: E402
+from common import REPO_ROOT, Figure, cpu_kind, load_average, machine_facts, set_threads  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -196,7 +198,8 @@ def generated_section(doc: dict[str, Any]) -> str:
         [
             BEGIN,
             f"{run}, {doc['repeats']} ABAB repeats, 1 torch thread.",
-            f"Machine: {m['cpu_model']}, {m['cores']} cores, flags {', '.join(m['cpu_flags'])}; "
+            f"Machine ({cpu_kind(m['cpu_flags'])}): {m['cpu_model']}, {m['cores']} cores, "
+            f"flags {', '.join(m['cpu_flags'])}; "
             f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
             f"Python {m['python']}.",
             f"Load average (1/5/15 min): start {doc['load_average_start']}, end {doc['load_average_end']}.",
@@ -207,11 +210,36 @@ def generated_section(doc: dict[str, Any]) -> str:
             "",
             table(doc),
             "",
+            *other_kinds_section(doc),
             "Details of every figure (baseline rates, fractions of bounds, workloads) are in "
             "`bench_out/results.json`.",
             END,
         ]
     )
+
+
+def other_kinds_section(doc: dict[str, Any]) -> list[str]:
+    """The latest figures measured on the other kinds of CPU (``doc["other_kinds"]``), labelled."""
+    lines = []
+    for kind, other in sorted((doc.get("other_kinds") or {}).items()):
+        m = other["machine"]
+        lines += [
+            f"Latest figures on another kind of CPU ({kind}: {m['cpu_model']}, run {other['date']}):",
+            "",
+            table(other),
+            "",
+        ]
+    return lines
+
+
+def keep_by_kind(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """Store ``doc`` as the latest results of its kind of CPU in ``path``; return ``doc`` with the
+    other kinds' latest results attached (``other_kinds``) for BENCHMARKS.md."""
+    by_kind = json.loads(path.read_text()) if path.exists() else {}
+    kind = cpu_kind(doc["machine"]["cpu_flags"])
+    by_kind[kind] = {k: v for k, v in doc.items() if k != "other_kinds"}
+    path.write_text(json.dumps(by_kind, indent=2, default=str))
+    return {**doc, "other_kinds": {k: v for k, v in by_kind.items() if k != kind}}
 
 
 def update_markdown(path: Path, doc: dict[str, Any]) -> None:
@@ -248,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     sys.stdout.write(table(doc) + "\n")
+    doc = keep_by_kind(args.out / "results_by_kind.json", doc)
     if not args.no_markdown:
         update_markdown(REPO_ROOT / "BENCHMARKS.md", doc)
     return 0

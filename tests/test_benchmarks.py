@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -185,3 +186,25 @@ def test_generated_section_states_dtype_auto_choices_with_their_rate_ratio() -> 
         "generation bfloat16 (bf16/fp32 rate 1.83" in line and "training float32 (bf16/fp32 rate 0.59" in line
     )
     assert bench_run.dtype_auto_line({}) == ""
+
+
+def test_latest_figures_are_kept_per_kind_of_cpu_and_labelled(tmp_path: Path) -> None:
+    assert common.cpu_kind(["avx512f", "avx512_bf16", "amx_bf16"]) == "AMX"
+    assert common.cpu_kind(["avx512f", "avx512_bf16"]) == "AVX512-BF16 without AMX"
+    assert common.cpu_kind(["avx2"]) == "no bf16 instructions"
+    store = tmp_path / "results_by_kind.json"
+    amx = _doc("monday", [_fig(1, 5.2, "monday")], cpu="Xeon")
+    amx["machine"]["cpu_flags"] = ["avx512_bf16", "amx_bf16"]
+    zen = _doc("tuesday", [_fig(1, 3.1, "tuesday")], cpu="EPYC")
+    zen["machine"]["cpu_flags"] = ["avx512_bf16"]
+    assert bench_run.keep_by_kind(store, amx)["other_kinds"] == {}
+    shown = bench_run.keep_by_kind(store, zen)
+    assert list(shown["other_kinds"]) == ["AMX"]
+    text = bench_run.generated_section(shown)
+    assert "Machine (AVX512-BF16 without AMX): EPYC" in text
+    assert "Latest figures on another kind of CPU (AMX: Xeon, run monday)" in text
+    assert "| 1 | fig1 | 5.2 |" in text and "| 1 | fig1 | 3.1 |" in text
+    newer = _doc("wednesday", [_fig(1, 5.4, "wednesday")], cpu="Xeon")
+    newer["machine"]["cpu_flags"] = ["amx_bf16"]
+    assert bench_run.keep_by_kind(store, newer)["other_kinds"]["AVX512-BF16 without AMX"]["date"] == "tuesday"
+    assert json.loads(store.read_text())["AMX"]["date"] == "wednesday"  # the latest of each kind
