@@ -7,9 +7,10 @@ remainder once on top of it (left-padded after the prefix, with explicit positio
 groups' caches are merged, left-padded to one length; then all sample rows decode together, each
 prompt's KV kept once for all its samples (:mod:`manyways.backends.cascade`; with
 ``cascade=False``, or one sample per prompt, the cache is expanded to one row per sample);
-finished rows leave the batch. Every sample draws from its own ``torch.Generator`` seeded with its seed, so it does not depend on its batch-mates except through
-floating-point effects of padding and batch shape (bit-identical in our fp32 CPU tests; in bf16 or
-on GPU a near-tie can occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
+finished rows leave the batch. Every sample draws from its own ``torch.Generator`` seeded with its
+seed, so it does not depend on its batch-mates except through floating-point effects of padding
+and batch shape (bit-identical in our fp32 CPU tests; in bf16 or on GPU a near-tie can
+occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
 every position run through the model in a prefill, padding included.
 
 Decoding uses :mod:`manyways.backends.kv_cache`: a KV cache written in place (no per-step copy of
