@@ -2,7 +2,10 @@
 
 Decode needs at least ``max(B*(2N + 4*L*d_att*c)/peak, (weight bytes + KV bytes read)/bandwidth)``
 seconds per step (B rows, N parameters, L layers, d_att attention width, c context); training
-needs about 6N FLOP per token.
+needs about 6N FLOP per token. The KV bytes read are ``2*L*kv_width*kv_bytes`` per position read:
+``B*c`` positions when every row holds its own copy of the prompt (replicated), ``P*s + B*(c - s)``
+when the ``B`` rows of ``P`` prompts share each prompt's ``s`` positions (shared-prefix / cascade
+decode, which reads each prompt's KV once per step).
 """
 
 from __future__ import annotations
@@ -45,18 +48,39 @@ def decode_flops_per_step(shape: ModelShape, batch: int, context: int) -> float:
     return batch * (2 * shape.params + 4 * shape.layers * shape.d_att * context)
 
 
-def decode_bytes_per_step(shape: ModelShape, batch: int, context: int, kv_bytes: int = 2) -> float:
-    """Bytes one decode step must read: every weight once plus K and V of every row's context."""
-    kv = 2 * shape.layers * batch * context * shape.kv_width * kv_bytes
+def kv_positions_read(batch: int, context: int, shared: int = 0, prompts: int = 1) -> int:
+    """KV positions one decode step reads: each row's ``context``, of which the first ``shared``
+    (``<= context``) are read once per prompt when the rows of ``prompts`` prompts share them."""
+    if not 0 <= shared <= context:
+        raise ValueError(f"shared prefix {shared} must be within the context {context}")
+    if shared and not 1 <= prompts <= batch:
+        raise ValueError(f"{prompts} prompts cannot share a prefix among {batch} rows")
+    return batch * (context - shared) + (prompts * shared if shared else 0)
+
+
+def decode_bytes_per_step(
+    shape: ModelShape, batch: int, context: int, kv_bytes: int = 2, shared: int = 0, prompts: int = 1
+) -> float:
+    """Bytes one decode step must read: every weight once plus K and V of the positions read
+    (:func:`kv_positions_read`; ``shared=0``: every row's own copy of its context)."""
+    kv = 2 * shape.layers * kv_positions_read(batch, context, shared, prompts) * shape.kv_width * kv_bytes
     return shape.params * shape.bytes_per_param + kv
 
 
 def decode_step_bound_s(
-    shape: ModelShape, batch: int, context: int, peak_flops: float, bandwidth: float, kv_bytes: int = 2
+    shape: ModelShape,
+    batch: int,
+    context: int,
+    peak_flops: float,
+    bandwidth: float,
+    kv_bytes: int = 2,
+    shared: int = 0,
+    prompts: int = 1,
 ) -> float:
-    """The least time one decode step can take on this machine (compute or memory bound)."""
+    """The least time one decode step can take on this machine (compute or memory bound); with
+    ``shared``/``prompts``, for shared-prefix decode (the FLOP are the same, fewer bytes)."""
     compute = decode_flops_per_step(shape, batch, context) / peak_flops
-    memory = decode_bytes_per_step(shape, batch, context, kv_bytes) / bandwidth
+    memory = decode_bytes_per_step(shape, batch, context, kv_bytes, shared, prompts) / bandwidth
     return max(compute, memory)
 
 

@@ -97,6 +97,15 @@ def cpu_facts() -> dict[str, Any]:
     }
 
 
+def cpu_kind(flags: list[str]) -> str:
+    """The kind of CPU that decides bf16's speed: AMX, AVX512-BF16 without AMX, or neither."""
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16 without AMX"
+    return "no bf16 instructions"
+
+
 def machine_facts() -> dict[str, Any]:
     """CPU facts plus the library versions the figures depend on."""
     import torch

@@ -5,7 +5,9 @@ reported) or a fraction of a bound measured in the same run (matmul rate, read b
 ``bounds.py``). Prints the table, writes ``bench_out/results.json`` and rewrites the generated
 section of BENCHMARKS.md (between the ``BEGIN GENERATED`` / ``END GENERATED`` markers).
 A run of a subset (``--only``) keeps the other figures of the previous ``results.json`` and says in
-the table which run measured each carried-over figure.
+the table which run measured each carried-over figure. ``bench_out/results_by_kind.json`` keeps
+the latest results per kind of CPU (AMX, AVX512-BF16 without AMX, neither: bf16's speed differs
+between them), and BENCHMARKS.md shows the other kinds' latest figures below this machine's.
 
 Usage: ``.venv/bin/python benchmarks/run.py [--repeats 3] [--only 1,2,4] [--no-markdown]``.
 Torch runs on 1 intra-op thread in this process (``OMP_NUM_THREADS=1``; the project's CPU default,
@@ -30,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, Figure, load_average, machine_facts, set_threads  # noqa: E402
+from common import REPO_ROOT, Figure, cpu_kind, load_average, machine_facts, set_threads  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -72,6 +74,25 @@ def model_params() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def dtype_auto_decisions() -> dict[str, dict[str, Any]]:
+    """What ``dtype: auto`` decides on this machine for the default model, per workload, with the
+    rates it measured (cached per machine: measured on the first run only)."""
+    from manyways.dtype_auto import resolve_auto_dtype
+    from manyways.models import DEFAULT_MODEL
+
+    return {w: resolve_auto_dtype(w, DEFAULT_MODEL)[1] for w in ("generation", "training")}
+
+
+def dtype_auto_line(doc: dict[str, Any]) -> str:
+    """One sentence: auto's choice per workload and the bf16/fp32 rate ratio it was based on."""
+    parts = [
+        f"{w} {r['dtype']} (bf16/fp32 rate {r['bf16_over_fp32_median_ratio']:.2f}, measured {r['measured_at']})"
+        for w, r in (doc.get("dtype_auto") or {}).items()
+        if "bf16_over_fp32_median_ratio" in r
+    ]
+    return f"`dtype: auto` on this machine (default model): {'; '.join(parts)}." if parts else ""
+
+
 def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
     """Measure the bounds, then every selected figure; returns the results document."""
     from bounds import measure_bounds
@@ -104,6 +125,7 @@ def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
             figures += step()
             log.info("figures %s: %.0fs", sorted(numbers & only), time.perf_counter() - t0)
     doc["figures"] = [{**f.to_dict(), "run": doc["date"]} for f in sorted(figures, key=lambda f: f.number)]
+    doc["dtype_auto"] = dtype_auto_decisions()
     doc["load_average_end"] = load_average()
     doc["wall_s"] = time.perf_counter() - started
     if only >= ALL_FIGURES:
@@ -176,21 +198,48 @@ def generated_section(doc: dict[str, Any]) -> str:
         [
             BEGIN,
             f"{run}, {doc['repeats']} ABAB repeats, 1 torch thread.",
-            f"Machine: {m['cpu_model']}, {m['cores']} cores, flags {', '.join(m['cpu_flags'])}; "
+            f"Machine ({cpu_kind(m['cpu_flags'])}): {m['cpu_model']}, {m['cores']} cores, "
+            f"flags {', '.join(m['cpu_flags'])}; "
             f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
             f"Python {m['python']}.",
             f"Load average (1/5/15 min): start {doc['load_average_start']}, end {doc['load_average_end']}.",
             f"Bounds (1 thread): fp32 matmul {b['peak_fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 matmul "
             f"{b['peak_bf16_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
             f"{b['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s.",
+            *([line] if (line := dtype_auto_line(doc)) else []),
             "",
             table(doc),
             "",
+            *other_kinds_section(doc),
             "Details of every figure (baseline rates, fractions of bounds, workloads) are in "
             "`bench_out/results.json`.",
             END,
         ]
     )
+
+
+def other_kinds_section(doc: dict[str, Any]) -> list[str]:
+    """The latest figures measured on the other kinds of CPU (``doc["other_kinds"]``), labelled."""
+    lines = []
+    for kind, other in sorted((doc.get("other_kinds") or {}).items()):
+        m = other["machine"]
+        lines += [
+            f"Latest figures on another kind of CPU ({kind}: {m['cpu_model']}, run {other['date']}):",
+            "",
+            table(other),
+            "",
+        ]
+    return lines
+
+
+def keep_by_kind(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """Store ``doc`` as the latest results of its kind of CPU in ``path``; return ``doc`` with the
+    other kinds' latest results attached (``other_kinds``) for BENCHMARKS.md."""
+    by_kind = json.loads(path.read_text()) if path.exists() else {}
+    kind = cpu_kind(doc["machine"]["cpu_flags"])
+    by_kind[kind] = {k: v for k, v in doc.items() if k != "other_kinds"}
+    path.write_text(json.dumps(by_kind, indent=2, default=str))
+    return {**doc, "other_kinds": {k: v for k, v in by_kind.items() if k != kind}}
 
 
 def update_markdown(path: Path, doc: dict[str, Any]) -> None:
@@ -227,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     sys.stdout.write(table(doc) + "\n")
+    doc = keep_by_kind(args.out / "results_by_kind.json", doc)
     if not args.no_markdown:
         update_markdown(REPO_ROOT / "BENCHMARKS.md", doc)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -153,3 +154,57 @@ def test_profile_summary_ranks_ops_by_self_cpu_time() -> None:
     assert lines[0].startswith("self CPU total:") and len(lines) <= 2 + 3
     assert "aten::mm" in lines[2]  # the matmuls dominate
     assert int(lines[2].split()[2]) == 20  # calls
+
+
+def test_shared_prefix_decode_bound_reads_each_prompt_once() -> None:
+    # 8 rows of one prompt of 1,000 tokens, 16 generated: 1,000 + 8 * 16 positions, not 8 * 1,016
+    assert bounds.kv_positions_read(8, 1016) == 8 * 1016
+    assert bounds.kv_positions_read(8, 1016, shared=1000, prompts=1) == 1000 + 8 * 16
+    assert bounds.kv_positions_read(8, 1016, shared=1000, prompts=2) == 2000 + 8 * 16
+    replicated = bounds.decode_bytes_per_step(SHAPE, batch=2, context=10)
+    shared = bounds.decode_bytes_per_step(SHAPE, batch=2, context=10, shared=6, prompts=1)
+    # 200 weight bytes + 2 (K,V) * 2 layers * (6 + 2*4 positions) * 4 wide * 2 bytes
+    assert (replicated, shared) == (840, 200 + 448)
+    assert bounds.decode_step_bound_s(SHAPE, 2, 10, 1e12, 648, shared=6, prompts=1) == pytest.approx(1.0)
+    # the FLOP do not change: at a compute-bound rate the two bounds are equal
+    assert bounds.decode_step_bound_s(SHAPE, 2, 10, 1680, 1e12, shared=6) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        bounds.kv_positions_read(2, 10, shared=11)
+    with pytest.raises(ValueError):
+        bounds.kv_positions_read(2, 10, shared=5, prompts=3)
+
+
+def test_generated_section_states_dtype_auto_choices_with_their_rate_ratio() -> None:
+    doc = {
+        "dtype_auto": {
+            "generation": {"dtype": "bfloat16", "bf16_over_fp32_median_ratio": 1.83, "measured_at": "t1"},
+            "training": {"dtype": "float32", "bf16_over_fp32_median_ratio": 0.59, "measured_at": "t1"},
+        }
+    }
+    line = bench_run.dtype_auto_line(doc)
+    assert (
+        "generation bfloat16 (bf16/fp32 rate 1.83" in line and "training float32 (bf16/fp32 rate 0.59" in line
+    )
+    assert bench_run.dtype_auto_line({}) == ""
+
+
+def test_latest_figures_are_kept_per_kind_of_cpu_and_labelled(tmp_path: Path) -> None:
+    assert common.cpu_kind(["avx512f", "avx512_bf16", "amx_bf16"]) == "AMX"
+    assert common.cpu_kind(["avx512f", "avx512_bf16"]) == "AVX512-BF16 without AMX"
+    assert common.cpu_kind(["avx2"]) == "no bf16 instructions"
+    store = tmp_path / "results_by_kind.json"
+    amx = _doc("monday", [_fig(1, 5.2, "monday")], cpu="Xeon")
+    amx["machine"]["cpu_flags"] = ["avx512_bf16", "amx_bf16"]
+    zen = _doc("tuesday", [_fig(1, 3.1, "tuesday")], cpu="EPYC")
+    zen["machine"]["cpu_flags"] = ["avx512_bf16"]
+    assert bench_run.keep_by_kind(store, amx)["other_kinds"] == {}
+    shown = bench_run.keep_by_kind(store, zen)
+    assert list(shown["other_kinds"]) == ["AMX"]
+    text = bench_run.generated_section(shown)
+    assert "Machine (AVX512-BF16 without AMX): EPYC" in text
+    assert "Latest figures on another kind of CPU (AMX: Xeon, run monday)" in text
+    assert "| 1 | fig1 | 5.2 |" in text and "| 1 | fig1 | 3.1 |" in text
+    newer = _doc("wednesday", [_fig(1, 5.4, "wednesday")], cpu="Xeon")
+    newer["machine"]["cpu_flags"] = ["amx_bf16"]
+    assert bench_run.keep_by_kind(store, newer)["other_kinds"]["AVX512-BF16 without AMX"]["date"] == "tuesday"
+    assert json.loads(store.read_text())["AMX"]["date"] == "wednesday"  # the latest of each kind

@@ -189,10 +189,19 @@ class StageDir:
             "counts": counts,
             "wall_s": round(time.time() - self.started, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **_dtype_decisions(self.started),
             **(extra or {}),
         }
         write_json_atomic(self.path / MANIFEST, manifest)
         return manifest
+
+
+def _dtype_decisions(started: float) -> dict[str, Any]:
+    """``dtype: auto`` decisions this stage used (manyways.dtype_auto), with their measurements."""
+    from manyways.dtype_auto import decisions_since
+
+    decisions = decisions_since(started)
+    return {"dtype_decisions": decisions} if decisions else {}
 
 
 def read_table(stage_dir: Path, subdir: str = "shards") -> pa.Table:

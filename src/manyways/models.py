@@ -140,11 +140,15 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _torch_dtype(dtype: str) -> Any:
+def _torch_dtype(dtype: str, model: Any = None, device: str = "cpu") -> Any:
+    """The torch dtype of ``dtype``; ``auto`` is measured for generation with ``model``'s shapes
+    (:func:`manyways.backends.config.resolve_dtype`)."""
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if preferred_bf16() else torch.float32
+        from manyways.backends.config import resolve_dtype
+
+        return getattr(torch, resolve_dtype("auto", device, model=model))
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -152,7 +156,8 @@ def _torch_dtype(dtype: str) -> Any:
 
 
 def preferred_bf16() -> bool:
-    """bf16 is worth using: a CUDA device, or a CPU with AVX-512-BF16 or AMX."""
+    """bf16 is available: a CUDA device, or a CPU with AVX-512-BF16 or AMX (the fallback of
+    ``dtype: auto`` where no model shapes are given; :mod:`manyways.dtype_auto` measures)."""
     import torch
 
     if torch.cuda.is_available():
@@ -188,7 +193,7 @@ def load_model_and_tokenizer(
             f"use {DEFAULT_MODEL!r}, a local path, or unset HF_HUB_OFFLINE to download it"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype, path, device))
     except OSError as exc:
         raise ModelError(f"could not load model {name_or_path!r}: {exc}") from exc
     model.to(device)

@@ -110,12 +110,21 @@ def master_weights_summary(trainer: Any) -> dict[str, Any]:
     return {}
 
 
-def use_bf16(dtype: str) -> bool:
-    """bf16 autocast (weights stay fp32): ``auto`` decides by hardware, else the named dtype."""
+def use_bf16(dtype: str, model: Any = None) -> bool:
+    """bf16 autocast (weights stay fp32), else the named dtype. ``auto``: with ``model`` (name, path
+    or config) the faster dtype for training at its shapes, measured once per machine
+    (:func:`manyways.dtype_auto.resolve_auto_dtype`); without, the hardware's bf16 flags."""
     if dtype == "float32":
         return False
     if dtype == "bfloat16":
         return True
+    if model is not None:
+        import torch
+
+        from manyways.dtype_auto import resolve_auto_dtype
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_auto_dtype("training", model, device=device)[0] == "bfloat16"
     from manyways.models import preferred_bf16
 
     return preferred_bf16()

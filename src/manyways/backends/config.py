@@ -32,7 +32,8 @@ class BackendConfig(BaseModel):
     model: str | None = Field(None, description="Model name or path; None means the run's model.")
     dtype: DtypeChoice = Field(
         "auto",
-        description="auto = bfloat16 on CUDA or on a CPU with avx512_bf16/amx_bf16, else float32.",
+        description="auto = bfloat16 on CUDA; on CPU the faster of bfloat16 and float32 for generation "
+        "at the model's shapes, measured once per machine and model (manyways.dtype_auto).",
     )
     device: str | None = Field(None, description="hf: torch device; None = cuda if available else cpu.")
     threads: int = Field(
@@ -43,6 +44,11 @@ class BackendConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="hf: sample rows decoded together in one forward.")
     prefix_sharing: bool = Field(
         True, description="hf: prefill the prompts' common token prefix once per batch."
+    )
+    cascade_attention: bool = Field(
+        True,
+        description="hf: keep one copy of a prompt's KV for all its samples and attend to it once per "
+        "decode step (shared-prefix / cascade attention).",
     )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: server root including /v1.")
     api_key_env: str | None = Field(
@@ -71,12 +77,21 @@ def cpu_supports_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_dtype(choice: str, device: str) -> str:
-    """The concrete dtype name ("float32" | "bfloat16") for ``choice`` on ``device``."""
+def resolve_dtype(choice: str, device: str, model: Any = None) -> str:
+    """The concrete dtype name ("float32" | "bfloat16") for ``choice`` on ``device``. ``auto`` on
+    CPU with a ``model`` (name, path or config) is the faster dtype for generation with its shapes
+    (measured: :func:`manyways.dtype_auto.resolve_auto_dtype`); without one, the CPU's flags."""
     if choice != "auto":
         return choice
     if device.startswith("cuda"):
         return "bfloat16"
+    if model is not None:
+        from manyways.dtype_auto import resolve_auto_dtype
+
+        try:
+            return resolve_auto_dtype("generation", model, device=device)[0]
+        except (OSError, ValueError) as exc:
+            logger.warning("dtype auto: cannot read the shapes of %s (%s); deciding by CPU flags", model, exc)
     return "bfloat16" if cpu_supports_bf16() else "float32"
 
 

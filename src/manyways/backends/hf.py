@@ -4,11 +4,13 @@ For each batch (planned by :func:`manyways.backends.sampling.plan_batches`, fill
 budget): for each group of its prompts that share a prefix (a heuristic's few-shot exemplars;
 :func:`~manyways.backends.sampling.prefix_groups`) the prefix is prefilled once and each prompt's
 remainder once on top of it (left-padded after the prefix, with explicit position ids); the
-groups' caches are merged, left-padded to one length; then the KV cache is expanded to one row per
-sample and all rows decode together; finished rows leave the batch. Every sample draws from its own
-``torch.Generator`` seeded with its seed, so it does not depend on its batch-mates except through
-floating-point effects of padding and batch shape (bit-identical in our fp32 CPU tests; in bf16 or
-on GPU a near-tie can occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
+groups' caches are merged, left-padded to one length; then all sample rows decode together, each
+prompt's KV kept once for all its samples (:mod:`manyways.backends.cascade`; with
+``cascade=False``, or one sample per prompt, the cache is expanded to one row per sample);
+finished rows leave the batch. Every sample draws from its own ``torch.Generator`` seeded with its
+seed, so it does not depend on its batch-mates except through floating-point effects of padding
+and batch shape (bit-identical in our fp32 CPU tests; in bf16 or on GPU a near-tie can
+occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
 every position run through the model in a prefill, padding included.
 
 Decoding uses :mod:`manyways.backends.kv_cache`: a KV cache written in place (no per-step copy of
@@ -17,7 +19,8 @@ the cache) and, while :meth:`HFBackend.generate` runs, the model's attention swi
 the model's own attention setting is restored afterwards. ``kv_dtype`` (default: the model's
 dtype) is the dtype the cache is stored and attention computed in.
 
-CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto picks bf16 only where the CPU has it.
+CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto is the faster of bf16 and fp32 for
+generation at the model's shapes, measured once per machine (:mod:`manyways.dtype_auto`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from manyways.backends.cascade import CascadeCache, to_cascade
 from manyways.backends.config import BackendConfig, resolve_dtype
 from manyways.backends.kv_cache import (
     all_growing,
@@ -100,6 +104,7 @@ class HFBackend:
         prefix_sharing: bool = True,
         kv_dtype: torch.dtype | None = None,
         decode_attention: bool = True,
+        cascade: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -109,6 +114,7 @@ class HFBackend:
         self.device = next(model.parameters()).device
         self.kv_dtype = kv_dtype or next(model.parameters()).dtype
         self.decode_attention = decode_attention
+        self.cascade = cascade  # shared-prefix decode attention (manyways.backends.cascade)
         self._store_dtype: torch.dtype | None = None  # kv_dtype while decode_attention is on
         self.stats = BackendStats()
         self.eos_ids = self._eos_ids()
@@ -125,7 +131,7 @@ class HFBackend:
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu":
             torch.set_num_threads(cfg.threads)
-        dtype = resolve_dtype(cfg.dtype, device)
+        dtype = resolve_dtype(cfg.dtype, device, model=model_id)
         logger.info("loading %s on %s as %s (%d threads)", model_id, device, dtype, torch.get_num_threads())
         model, tokenizer = load_model_and_tokenizer(model_id, dtype=dtype, device=device)
         return cls(
@@ -134,6 +140,7 @@ class HFBackend:
             model_id=model_id,
             batch_size=cfg.batch_size,
             prefix_sharing=cfg.prefix_sharing,
+            cascade=cfg.cascade_attention,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -213,7 +220,11 @@ class HFBackend:
                 unit_of_row.append(k)
                 self.stats.prompt_tokens_submitted += len(unit.tokens)
         index = torch.tensor(unit_of_row, device=self.device)
-        cache.batch_select_indices(index)
+        if self._use_cascade(len(rows), len(units)):  # one copy of each prompt's KV for its samples
+            max_new = max(u.request.max_new_tokens for u in units)
+            cache = to_cascade(cache, mask, unit_of_row, max_new)
+        else:
+            cache.batch_select_indices(index)
         self._decode(rows, cache, logits[index], mask[index], positions[index], progress)
         samples = [self._to_sample(row) for row in rows]
         grouped: list[list[GenSample]] = [[] for _ in units]
@@ -221,9 +232,15 @@ class HFBackend:
             grouped[k].append(sample)
         return grouped
 
+    def _use_cascade(self, rows: int, prompts: int) -> bool:
+        """Shared-prefix decode: on, decode attention active, every cache layer a GrowingLayer,
+        and some prompt with more than one sample."""
+        return self.cascade and self._store_dtype is not None and self._mergeable and rows > prompts
+
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> torch.Tensor:
+        shared = {"cascade": cache} if isinstance(cache, CascadeCache) else {}
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -231,6 +248,7 @@ class HFBackend:
             **{self._cache_kwarg: cache},
             use_cache=True,
             logits_to_keep=1,
+            **shared,
         )
         return out.logits[:, -1, :]
 

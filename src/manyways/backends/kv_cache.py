@@ -12,7 +12,9 @@ makes a slow strided copy first (about 5x the matmul's time at 1.1K positions).
 :func:`decode_attention` is registered with transformers as :data:`ATTENTION_NAME`. For one query
 token it runs attention as two batched matmuls on the key/value heads (queries grouped per KV
 head, so grouped-query models need no ``repeat_kv`` copy), in the cache's dtype, with the softmax
-in float32; longer queries (prefill) go to transformers' SDPA path. The CPU flash-attention kernel
+in float32; longer queries (prefill) go to transformers' SDPA path. When the forward is given
+``cascade=<CascadeCache>``, one query token attends to its prompt's shared KV and its own generated
+tokens separately (:mod:`manyways.backends.cascade`). The CPU flash-attention kernel
 is slow at one query token, in bf16 most of all; see BENCHMARKS.md figure 3.
 """
 
@@ -197,8 +199,14 @@ def decode_attention(
         return out.to(dtype), None
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    q = query.to(key.dtype).reshape(rows, kv_heads, heads // kv_heads, dim)
     scale = scaling if scaling is not None else dim**-0.5
+    from manyways.backends.cascade import cascade_attention, find_cascade
+
+    found = find_cascade(kwargs, module)
+    if found is not None:  # shared-prefix decode (manyways.backends.cascade)
+        out = cascade_attention(query, key, value, attention_mask, scale, *found)
+        return out.reshape(rows, 1, heads, value.shape[-1]).to(dtype), None
+    q = query.to(key.dtype).reshape(rows, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, length]
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:

@@ -166,7 +166,7 @@ def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
         "activation_checkpointing": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": not show_progress,
-        **device_args(use_bf16(cfg.model.dtype)),
+        **device_args(use_bf16(cfg.model.dtype, cfg.model.name)),
     }
     return SFTConfig(**trainer_kwargs(SFTConfig, defaults, dict(m.trl)))
 

@@ -152,7 +152,7 @@ def grpo_args(cfg: Config, out_dir: Path, weights: list[float], show_progress: b
         "activation_checkpointing": False,
         "disable_tqdm": not show_progress,
         "log_completions": False,
-        **device_args(use_bf16(cfg.model.dtype)),
+        **device_args(use_bf16(cfg.model.dtype, cfg.model.name)),
     }
     return GRPOConfig(**trainer_kwargs(GRPOConfig, defaults, dict(r.trl)))
 

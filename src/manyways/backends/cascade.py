@@ -1,0 +1,217 @@
+"""Shared-prefix (cascade) decode attention: one copy of each prompt's KV for all its samples.
+
+The k samples of one prompt share the prompt's keys and values. :func:`to_cascade` turns a
+prefilled cache (one row per prompt, :class:`~manyways.backends.kv_cache.GrowingLayer` layers)
+into a :class:`CascadeCache`: each layer keeps the prompts' KV once (the *prefix*, ``[prompts,
+kv_heads, ...]``) and a per-sample buffer for the generated tokens (the *suffix*, ``[rows, ...]``).
+The model sees the suffix as its cache; its sequence length (and so the attention mask the model
+builds) counts prefix + suffix, so positions and masks are those of the replicated cache.
+
+:func:`cascade_attention` (called by :func:`~manyways.backends.kv_cache.decode_attention` for one
+query token when the forward gets ``cascade=<the cache>``) computes attention in two parts and
+merges them with the log-sum-exp rule (the idea of Hydragen and FlashInfer's cascade attention):
+
+- prefix part: the queries of all rows of one prompt are stacked (``[prompts, kv_heads, rows of
+  the prompt * group, dim]``) and multiplied with that prompt's keys once, so a decode step reads
+  the prompt's KV once instead of once per sample;
+- suffix part: each row against its own generated tokens, as in the replicated path;
+- merge: with ``o_i``, ``lse_i`` the normalised output and log-sum-exp of part i,
+  ``out = (exp(lse_1 - M) o_1 + exp(lse_2 - M) o_2) / (exp(lse_1 - M) + exp(lse_2 - M))``,
+  ``M = max(lse_1, lse_2)``, which equals softmax attention over the concatenation.
+
+Numerics: the result is the same function as the replicated path's attention, but not the same
+floating-point operations (two softmax sums and two value matmuls instead of one, then the merge),
+so it is equal to rounding: in float32 within ~1e-6 relative, in bfloat16 within about two bf16
+ulps of the attention output (each part's value matmul rounds to bf16 once, the merge is done in
+float32). Sampled tokens are identical wherever the two largest probabilities (greedy) or the
+cumulative sum at the drawn uniform (sampling) are not within that rounding of a tie. Tested in
+``tests/test_cascade.py`` on the tiny model: float32 greedy equals ``model.generate`` and seeded
+samples equal the replicated path's; in bfloat16 the random-weight model meets exact bf16 logit
+ties within a few greedy steps, and the tokens differ only there (logits within 4 bf16 ulps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from manyways.backends.kv_cache import GrowingLayer
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Which prompt each decode row reads, and the rows of each prompt as a padded slot table."""
+
+    prompt_of_row: torch.Tensor  # [rows] long
+    slots: torch.Tensor  # [prompts, width] row index of each (prompt, slot); padding repeats a row
+    slot_of_row: torch.Tensor  # [rows] flat index prompt * width + slot
+
+    @classmethod
+    def of(cls, prompt_of_row: list[int], prompts: int, device: torch.device | str) -> RowGroups:
+        """The groups for rows reading prompts ``prompt_of_row`` (each in ``range(prompts)``, every
+        prompt read by at least one row)."""
+        members: list[list[int]] = [[] for _ in range(prompts)]
+        for row, prompt in enumerate(prompt_of_row):
+            members[prompt].append(row)
+        if any(not m for m in members):
+            raise ValueError("every prompt of a cascade cache needs at least one row")
+        width = max(len(m) for m in members)
+        slots = [m + [m[0]] * (width - len(m)) for m in members]
+        slot_of_row = [0] * len(prompt_of_row)
+        for prompt, rows in enumerate(members):
+            for slot, row in enumerate(rows):
+                slot_of_row[row] = prompt * width + slot
+        return cls(
+            torch.tensor(prompt_of_row, dtype=torch.long, device=device),
+            torch.tensor(slots, dtype=torch.long, device=device),
+            torch.tensor(slot_of_row, dtype=torch.long, device=device),
+        )
+
+
+class CascadeLayer(GrowingLayer):
+    """A :class:`GrowingLayer` holding each row's generated tokens (the suffix), plus the prompts'
+    keys (``prefix_kt``: ``[prompts, kv_heads, dim, prefix_len]``) and values (``prefix_v``:
+    ``[prompts, kv_heads, prefix_len, dim]``) stored once."""
+
+    def __init__(self, prefix: GrowingLayer, *, max_len: int | None) -> None:
+        super().__init__(store_dtype=prefix.dtype, max_len=max_len)
+        assert prefix.keys is not None and prefix.values is not None
+        self.prefix_kt = prefix.keys.transpose(-1, -2).contiguous()
+        self.prefix_v = prefix.values.contiguous()
+        self.prefix_len = prefix.length
+        self.dtype, self.device, self.is_initialized = prefix.dtype, prefix.device, True
+        self.unread = False  # an update whose attention has not run cascade_attention yet
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append to the suffix. Refuses when the previous step's attention did not go through
+        :func:`cascade_attention` (a model that does not pass the forward's keyword arguments on to
+        its attention would otherwise attend to the generated tokens only)."""
+        if self.unread:
+            raise RuntimeError(
+                "this model's attention did not receive cascade=<CascadeCache>; "
+                "decode it with cascade attention off (BackendConfig.cascade_attention: false)"
+            )
+        self.unread = True
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        """Prefix plus generated positions (what the model's positions and masks count)."""
+        return self.prefix_len + self.length
+
+    def select_prompts(self, indices: torch.Tensor) -> None:
+        """Keep only the prompts ``indices`` of the prefix."""
+        self.prefix_kt = self.prefix_kt.index_select(0, indices)
+        self.prefix_v = self.prefix_v.index_select(0, indices)
+
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        if self._v is not None and self._v.shape[0] != key_states.shape[0]:
+            raise ValueError("cascade suffix rows changed outside batch_select_indices")
+        super()._reserve(key_states, value_states, needed)
+
+
+class CascadeCache(DynamicCache):
+    """A cache of :class:`CascadeLayer` (every layer) with the row -> prompt map they share and the
+    prompts' padding mask (``prefix_mask``: ``[prompts, prefix_len]`` bool, True = attend)."""
+
+    def __init__(self, layers: list[CascadeLayer], prefix_mask: torch.Tensor, prompt_of_row: list[int]):
+        super().__init__()
+        self.layers = list(layers)
+        self.prefix_mask = prefix_mask.bool()
+        self.groups = RowGroups.of(prompt_of_row, prefix_mask.shape[0], prefix_mask.device)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Not needed by the back-end; refused rather than half-supported."""
+        raise NotImplementedError("CascadeCache rows are set by to_cascade")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices``; prompts no row reads any more are dropped from the prefix."""
+        prompt_of_row = self.groups.prompt_of_row.index_select(0, indices).tolist()
+        used = sorted(set(prompt_of_row))
+        if len(used) < self.prefix_mask.shape[0]:
+            keep = torch.tensor(used, dtype=torch.long, device=self.prefix_mask.device)
+            for layer in self.layers:
+                layer.select_prompts(keep)
+            self.prefix_mask = self.prefix_mask.index_select(0, keep)
+            renumber = {p: i for i, p in enumerate(used)}
+            prompt_of_row = [renumber[p] for p in prompt_of_row]
+        self.groups = RowGroups.of(prompt_of_row, len(used), self.prefix_mask.device)
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+
+
+def to_cascade(
+    cache: DynamicCache, prefix_mask: torch.Tensor, prompt_of_row: list[int], max_new_tokens: int
+) -> CascadeCache:
+    """The cascade form of a prefilled ``cache`` (one row per prompt, every layer a
+    :class:`GrowingLayer`; see :func:`~manyways.backends.kv_cache.all_growing`) for rows reading
+    prompts ``prompt_of_row``; ``prefix_mask`` is the prefill's attention mask (0 = padding)."""
+    if not all(type(layer) is GrowingLayer for layer in cache.layers):
+        raise TypeError("to_cascade needs GrowingLayer caches (see kv_cache.all_growing)")
+    layers = [CascadeLayer(layer, max_len=max_new_tokens) for layer in cache.layers]
+    return CascadeCache(layers, prefix_mask, prompt_of_row)
+
+
+def _part(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of float32 ``scores`` over ``values``: (output in the values' dtype,
+    log-sum-exp of the scores in float32)."""
+    peak = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - peak)
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul((weights / total).to(values.dtype), values)
+    return out, (peak + torch.log(total)).squeeze(-1)
+
+
+def cascade_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    layer: CascadeLayer,
+    cache: CascadeCache,
+) -> torch.Tensor:
+    """Attention of one query token per row (``query``: ``[rows, heads, 1, dim]``) over its
+    prompt's prefix and its own suffix (``key``/``value``: ``[rows, kv_heads, suffix, dim]``);
+    ``attention_mask`` covers prefix + suffix (or is None). Returns ``[rows, kv_heads, group, dim]``
+    in the values' dtype."""
+    layer.unread = False
+    rows, heads, _, dim = query.shape
+    kv_heads, prompts = key.shape[1], layer.prefix_kt.shape[0]
+    group = heads // kv_heads
+    q = query.to(key.dtype).reshape(rows, kv_heads, group, dim)
+    groups = cache.groups
+    width = groups.slots.shape[1]
+    # prefix: the rows of one prompt stacked as extra query positions of that prompt
+    qp = q.index_select(0, groups.slots.reshape(-1)).reshape(prompts, width, kv_heads, group, dim)
+    qp = qp.transpose(1, 2).reshape(prompts, kv_heads, width * group, dim)
+    s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*group, prefix]
+    s1 = s1.masked_fill(~cache.prefix_mask[:, None, None, :], float("-inf"))
+    o1, lse1 = _part(s1, layer.prefix_v)
+    o1 = o1.reshape(prompts, kv_heads, width, group, dim).transpose(1, 2).reshape(-1, kv_heads, group, dim)
+    lse1 = lse1.reshape(prompts, kv_heads, width, group).transpose(1, 2).reshape(-1, kv_heads, group)
+    o1, lse1 = o1.index_select(0, groups.slot_of_row), lse1.index_select(0, groups.slot_of_row)
+    # suffix: each row against its own generated tokens
+    s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, suffix]
+    if attention_mask is not None:
+        suffix_mask = attention_mask[..., layer.prefix_len :]
+        if suffix_mask.dtype == torch.bool:
+            s2 = s2.masked_fill(~suffix_mask, float("-inf"))
+        else:
+            s2 = s2 + suffix_mask.float()
+    o2, lse2 = _part(s2, value)
+    peak = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - peak)[..., None], torch.exp(lse2 - peak)[..., None]
+    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(value.dtype)
+
+
+def find_cascade(kwargs: dict[str, Any], module: Any) -> tuple[CascadeLayer, CascadeCache] | None:
+    """The cascade layer of ``module`` when the forward was given ``cascade=<CascadeCache>``."""
+    cache = kwargs.get("cascade")
+    if not isinstance(cache, CascadeCache):
+        return None
+    return cache.layers[module.layer_idx], cache
