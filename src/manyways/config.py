@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from manyways.backends.config import BackendConfig
 from manyways.data.sources import GymSource, ProblemSource
@@ -131,10 +131,23 @@ class SelectSection(Section):
         None, ge=1, description="Use only the first n generated heuristics (generate's catalogue order)."
     )
     budget_heuristics: int | None = Field(
-        None, ge=1, description="Fixed budget: n heuristics drawn by seed ..."
+        None, ge=1, description="Fixed budget: exactly n (the first n heuristics; n=1: one per problem) ..."
     )
-    budget_problems: int | None = Field(None, ge=1, description="... times m problems drawn by seed.")
-    seed: int = Field(0, description="Seed of the budget subsets.")
+    budget_problems: int | None = Field(
+        None, ge=1, description="... times m problems drawn by seed; an error when the data has fewer."
+    )
+    seed: int = Field(0, description="Seed of the budget's problem draw.")
+    think: Literal["strip", "keep"] = Field(
+        "strip",
+        description="A completion with a </think> block: strip = train on the text after it (verified "
+        "again on its own), keep = train on the whole completion.",
+    )
+
+    @model_validator(mode="after")
+    def _budget_pair(self) -> SelectSection:
+        if (self.budget_heuristics is None) != (self.budget_problems is None):
+            raise ValueError("select.budget_heuristics and select.budget_problems go together")
+        return self
 
 
 class LoraSection(Section):
