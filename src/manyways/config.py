@@ -263,7 +263,8 @@ class AnalyzeSection(Section):
 class ExperimentSection(Section):
     arms: list[str] = Field(
         default_factory=lambda: ["vanilla_rl", "polya_n4"],
-        description="vanilla_rl, star_rl, distill_rl, incorrect_rl, polya_n<N>, budget_<N>x<M>.",
+        description="vanilla_rl, star_rl, distill_rl, polya_n<N>, incorrect_n<N> (incorrect_rl: "
+        "N = heuristics.n), budget_<N>x<M>.",
     )
     teacher_model: str | None = Field(None, description="distill_rl: the teacher model.")
     overrides: dict[str, dict[str, Any]] = Field(
