@@ -247,6 +247,14 @@ class EvaluateSection(Section):
     default_size: int = Field(
         16, ge=1, description="Problems per offline default benchmark (used when data.eval is empty)."
     )
+    contamination_ngram: int = Field(
+        13, ge=1, description="Word n-gram length of the training-set overlap report (data/contamination.py)."
+    )
+    exclude_ngram_overlaps: bool = Field(
+        False,
+        description="Also exclude evaluation problems sharing an n-gram with a training or RL question "
+        "(exact normalised matches are always excluded).",
+    )
 
 
 class AnalyzeSection(Section):
