@@ -329,3 +329,10 @@ def test_empty_selection_is_an_error(tmp_path: Path):
     with pytest.raises(select.SelectionError, match="nothing to train on"):
         _select(ovs, "select")
     assert not (load_config(None, ovs).run_dir / "select" / "train.parquet").exists()
+
+
+def test_budget_needs_both_sizes():
+    from manyways.config import ConfigError
+
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(None, ["select.budget_heuristics=2"])
