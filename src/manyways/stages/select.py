@@ -22,7 +22,7 @@ whose verdict differs is dropped and counted (``think_unclosed``, ``think_empty`
 
 Ranking within a (problem, heuristic) pair, deterministic: score descending (unscored attempts
 last), then lower ``sample_idx``. Ties (every score is 0 with ``score.scorer=none``, as for
-STaR) so keep the first sample drawn, a representative one: each sample has its own seed, so
+STaR) go to the first sample drawn, a representative one: each sample has its own seed, so
 sample 0 is a random draw, not the shortest trace.
 
 Subsets: ``select.heuristics=n`` keeps only the first n heuristics generate used (its manifest's
