@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from manyways.data import GymSource, ProblemDataError, load_problems
-from manyways.data.gym import _generate, split_seed
+from manyways.data.gym import _generate, question_split, split_seed
 
 # a deliberately tiny question space, so that independent draws collide
 SMALL = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -35,6 +35,39 @@ def test_train_and_test_are_disjoint_even_where_raw_draws_collide():
     # without the dedupe the two seeds' raw draws overlap: the test above could fail
     raw_test = {e["question"] for e in _generate("basic_arithmetic", 150, split_seed(7, "test"), SMALL)}
     assert raw_test & train_q
+
+
+# the demo's options (configs/tiny_cpu.yaml)
+DEMO = dict(SMALL, operators=["+", "-", "*"], allow_parentheses=False, allow_negation=False)
+
+
+def test_no_test_question_is_a_train_question_whatever_the_sizes():
+    """The old loader rebuilt the train split at the test split's size: with the demo's train of
+    20 and test of 12, 15 of the seeds 8-59 put a training question into the test split."""
+    for seed in range(8, 60):
+        train = {
+            p.question
+            for p in load_problems(
+                GymSource(task="basic_arithmetic", size=20, seed=seed, options=DEMO)
+            ).problems
+        }
+        test = load_problems(
+            GymSource(task="basic_arithmetic", size=12, seed=seed, split="test", options=DEMO)
+        )
+        assert not train & {p.question for p in test.problems}, seed
+    small_train = {p.question for p in load_problems(gym("train", 10)).problems}
+    big_test = {p.question for p in load_problems(gym("test", 150, seed=3)).problems}
+    assert not small_train & big_test  # other sizes, other seeds: still disjoint
+
+
+def test_a_question_belongs_to_one_split_by_its_text():
+    questions = [e["question"] for e in _generate("basic_arithmetic", 200, 1, SMALL)]
+    splits = [question_split(q) for q in questions]
+    assert 0.3 < splits.count("test") / len(splits) < 0.7
+    assert all(question_split(q) == s for q, s in zip(questions, splits, strict=True))  # stable
+    assert question_split("What is 2 + 3?") == question_split("what is  2+3")  # the same question
+    train = load_problems(gym("train", 30)).problems
+    assert {question_split(p.question) for p in train} == {"train"}
 
 
 def test_problem_rows_are_stable_and_numeric():

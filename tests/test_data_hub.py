@@ -227,3 +227,30 @@ def test_source_configs_parse_by_kind():
         parse_source({"kind": "hub", "preset": "not_a_benchmark"})
     with pytest.raises(ValueError, match="kind"):
         parse_source({"kind": "ftp", "path": "x"})
+
+
+def test_olympiadbench_several_final_answers_are_all_checked(tmp_path):
+    from manyways.verify.registry import verify_problem
+
+    rows = [
+        {"id": 7, "question": "Find all real x with (x-2)(x+3)=0.", "final_answer": ["$2$", "$-3$"]},
+        {"id": 8, "question": "Find x.", "final_answer": ["$\\frac{1}{2}$"]},
+    ]
+    path = _write(rows, tmp_path / "ob.jsonl")
+    several, single = load_problems(HubSource(preset="olympiadbench", data_files=str(path))).problems
+    assert several.metadata["final_answers"] == ["2", "-3"] and "final_answers" not in single.metadata
+    assert single.answer == "\\frac{1}{2}"
+    status = {
+        c: verify_problem(several, f"So \\boxed{{{c}}}.").status
+        for c in ("2, -3", "-3, 2", "2", "-3", "2, -3, 5")
+    }
+    assert status == {
+        "2, -3": "correct",
+        "-3, 2": "correct",
+        "2": "incorrect",
+        "-3": "incorrect",
+        "2, -3, 5": "incorrect",
+    }
+    bad = _write([{"id": 9, "question": "Q", "final_answer": ["$2$", "$$"]}], tmp_path / "bad.jsonl")
+    with pytest.raises(ProblemDataError, match="empty_gold"):
+        load_problems(HubSource(preset="olympiadbench", data_files=str(bad)))

@@ -147,3 +147,57 @@ def test_arm_plans_follow_the_paper():
     budget = {s.name: s for s in experiment.arm_steps("budget_4x5", cfg)}
     assert budget["select"].overrides["select.budget_heuristics"] == 4
     assert budget["select"].overrides["select.budget_problems"] == 5
+
+
+def test_incorrect_arms_at_several_n():
+    cfg = load_config(
+        None, ["heuristics.n=16", "experiment.arms=[incorrect_n1, incorrect_n4, incorrect_n16, incorrect_rl]"]
+    )
+    assert experiment.max_heuristics(cfg) == 16
+    selects = {
+        arm: {s.name: s for s in experiment.arm_steps(arm, cfg)}["select"] for arm in cfg.experiment.arms
+    }
+    for arm, n in (("incorrect_n1", 1), ("incorrect_n4", 4), ("incorrect_n16", 16)):
+        o = selects[arm].overrides
+        assert o["select.variant"] == "incorrect" and o["select.heuristics"] == n
+        assert o["score.include_incorrect"] is True and o["heuristics.n"] == 16  # one shared generation
+    assert selects["incorrect_rl"].overrides == selects["incorrect_n16"].overrides  # the alias
+    big = load_config(None, ["heuristics.n=4", "experiment.arms=[incorrect_n32]"])
+    assert experiment.max_heuristics(big) == 32
+
+
+def _arm_config(cfg, arm: str, step: str):
+    steps = {s.name: s for s in experiment.arm_steps(arm, cfg)}
+    return experiment.derive_config(cfg, {**steps[step].overrides, **cfg.experiment.overrides.get(arm, {})})
+
+
+def test_recipe_runs_the_papers_arms_with_a_reasoning_teachers_budget():
+    cfg = load_config(ROOT / "configs/paper_llama3b.yaml")
+    arms = cfg.experiment.arms
+    assert {int(a.removeprefix("polya_n")) for a in arms if a.startswith("polya_n")} == {
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+    }
+    assert len([a for a in arms if a.startswith("incorrect_n")]) >= 3
+    budgets = [experiment.parse_arm(a) for a in arms if a.startswith("budget_")]
+    assert {int(b.group(3)) * int(b.group(4)) for b in budgets} == {7408} and len(budgets) == 2
+    assert experiment.max_heuristics(cfg) == 64
+    polya = _arm_config(cfg, "polya_n16", "generate").generate
+    teacher = _arm_config(cfg, "distill_rl", "generate")
+    g = teacher.generate
+    assert g.mode == "teacher" and g.teacher_model == "Qwen/QwQ-32B"
+    assert g.max_new_tokens >= 8192 > polya.max_new_tokens  # room to think before \boxed{}
+    assert g.backend.vllm["max_model_len"] >= g.max_new_tokens + 2048  # prompt with exemplars fits
+    assert (g.temperature, g.top_p) == (0.6, 0.95)
+    assert _arm_config(cfg, "distill_rl", "select").select.think == "strip"
+    # the teacher's settings are its own: the other arms share one generation with the recipe's
+    assert polya.max_new_tokens == cfg.generate.max_new_tokens
+    key = experiment.stage_key
+    assert key("generate", _arm_config(cfg, "polya_n16", "generate"), {}) == key(
+        "generate", _arm_config(cfg, "incorrect_n4", "generate"), {}
+    )

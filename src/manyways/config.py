@@ -146,10 +146,23 @@ class SelectSection(Section):
         None, ge=1, description="Use only the first n generated heuristics (generate's catalogue order)."
     )
     budget_heuristics: int | None = Field(
-        None, ge=1, description="Fixed budget: n heuristics drawn by seed ..."
+        None, ge=1, description="Fixed budget: exactly n (the first n heuristics; n=1: one per problem) ..."
     )
-    budget_problems: int | None = Field(None, ge=1, description="... times m problems drawn by seed.")
-    seed: int = Field(0, description="Seed of the budget subsets.")
+    budget_problems: int | None = Field(
+        None, ge=1, description="... times m problems drawn by seed; an error when the data has fewer."
+    )
+    seed: int = Field(0, description="Seed of the budget's problem draw.")
+    think: Literal["strip", "keep"] = Field(
+        "strip",
+        description="A completion with a </think> block: strip = train on the text after it (verified "
+        "again on its own), keep = train on the whole completion.",
+    )
+
+    @model_validator(mode="after")
+    def _budget_pair(self) -> SelectSection:
+        if (self.budget_heuristics is None) != (self.budget_problems is None):
+            raise ValueError("select.budget_heuristics and select.budget_problems go together")
+        return self
 
 
 class LoraSection(Section):
@@ -273,6 +286,14 @@ class EvaluateSection(ExecutorFields):
     default_size: int = Field(
         16, ge=1, description="Problems per offline default benchmark (used when data.eval is empty)."
     )
+    contamination_ngram: int = Field(
+        13, ge=1, description="Word n-gram length of the training-set overlap report (data/contamination.py)."
+    )
+    exclude_ngram_overlaps: bool = Field(
+        False,
+        description="Also exclude evaluation problems sharing an n-gram with a training or RL question "
+        "(exact normalised matches are always excluded).",
+    )
 
 
 class AnalyzeSection(Section):
@@ -289,7 +310,8 @@ class AnalyzeSection(Section):
 class ExperimentSection(Section):
     arms: list[str] = Field(
         default_factory=lambda: ["vanilla_rl", "polya_n4"],
-        description="vanilla_rl, star_rl, distill_rl, incorrect_rl, polya_n<N>, budget_<N>x<M>.",
+        description="vanilla_rl, star_rl, distill_rl, polya_n<N>, incorrect_n<N> (incorrect_rl: "
+        "N = heuristics.n), budget_<N>x<M>.",
     )
     teacher_model: str | None = Field(None, description="distill_rl: the teacher model.")
     overrides: dict[str, dict[str, Any]] = Field(

@@ -6,8 +6,17 @@ Arms (``experiment.arms``):
 - ``star_rl``: plain-mode self-generated correct rationales -> SFT -> GRPO;
 - ``polya_n{N}``: heuristic-guided self-generated data with N heuristics -> SFT -> GRPO;
 - ``distill_rl``: a teacher (``experiment.teacher_model``) generates the heuristic traces -> SFT -> GRPO;
-- ``incorrect_rl``: heuristic-guided but incorrect traces -> SFT -> GRPO;
-- ``budget_{N}x{M}``: N heuristics x M problems (N*M held constant across budget arms) -> SFT -> GRPO.
+  a reasoning teacher needs its own generation settings (``experiment.overrides.distill_rl``:
+  ``generate.max_new_tokens``, ``generate.backend.vllm.max_model_len``, sampling) and
+  ``select.think`` says what is trained on when it writes a ``<think>`` block (default: the
+  solution after it);
+- ``incorrect_n{N}``: heuristic-guided but incorrect traces under the first N heuristics -> SFT ->
+  GRPO (the paper: the more of them, the worse); ``incorrect_rl`` is ``incorrect_n<heuristics.n>``;
+- ``budget_{N}x{M}``: exactly N x M traces, N heuristics x M problems (N*M held constant across
+  budget arms; see :mod:`manyways.stages.select`) -> SFT -> GRPO.
+
+Per-arm overrides (``experiment.overrides``, dotted keys) apply to every stage of that arm and
+recompute only the stages whose config they change.
 
 Every stage run is content-addressed: its directory is ``<run>/stages/<stage>-<key>`` where the
 key hashes the stage's own config section(s) and its inputs' fingerprints. Generation with the
@@ -34,7 +43,10 @@ from manyways.pipeline import save_run_config, stage_module
 
 log = logging.getLogger(__name__)
 
-ARM_PATTERN = re.compile(r"^(vanilla_rl|star_rl|distill_rl|incorrect_rl|polya_n(\d+)|budget_(\d+)x(\d+))$")
+# groups: 2 polya N, 3-4 budget N x M, 5 incorrect N
+ARM_PATTERN = re.compile(
+    r"^(vanilla_rl|star_rl|distill_rl|incorrect_rl|polya_n(\d+)|budget_(\d+)x(\d+)|incorrect_n(\d+))$"
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,8 @@ def parse_arm(arm: str) -> re.Match[str]:
     match = ARM_PATTERN.match(arm)
     if not match:
         raise ValueError(
-            f"unknown arm {arm!r}: use vanilla_rl, star_rl, distill_rl, incorrect_rl, polya_n<N> or budget_<N>x<M>"
+            f"unknown arm {arm!r}: use vanilla_rl, star_rl, distill_rl, polya_n<N>, incorrect_n<N> "
+            "(incorrect_rl = incorrect_n<heuristics.n>) or budget_<N>x<M>"
         )
     return match
 
@@ -61,11 +74,16 @@ def max_heuristics(cfg: Config) -> int:
     ns = [cfg.heuristics.n or 1]
     for arm in cfg.experiment.arms:
         m = parse_arm(arm)
-        if m.group(2):
-            ns.append(int(m.group(2)))
-        if m.group(3):
-            ns.append(int(m.group(3)))
+        ns.extend(int(g) for g in (m.group(2), m.group(3), m.group(5)) if g)
     return max(ns)
+
+
+def incorrect_heuristics(arm: str, cfg: Config) -> int | None:
+    """N of an incorrect-traces arm (``incorrect_rl`` means ``incorrect_n<heuristics.n>``)."""
+    m = parse_arm(arm)
+    if m.group(5):
+        return int(m.group(5))
+    return (cfg.heuristics.n or 1) if arm == "incorrect_rl" else None
 
 
 def _data_steps(arm: str, cfg: Config) -> list[Step]:
@@ -93,9 +111,9 @@ def _data_steps(arm: str, cfg: Config) -> list[Step]:
             log.warning("distill_rl: the teacher is the base model itself; its data equals polya's")
         else:
             gen = {**gen, "generate.mode": "teacher", "generate.teacher_model": cfg.experiment.teacher_model}
-    elif arm == "incorrect_rl":
+    elif incorrect_heuristics(arm, cfg) is not None:
         score = {"score.include_incorrect": True}
-        select["select.variant"] = "incorrect"
+        select.update({"select.variant": "incorrect", "select.heuristics": incorrect_heuristics(arm, cfg)})
     elif m.group(2):
         select["select.heuristics"] = int(m.group(2))
     elif m.group(3):

@@ -1,11 +1,12 @@
 """Procedurally generated problems from reasoning-gym, with provably disjoint splits.
 
-Each split draws from ``reasoning_gym.create_dataset(task, size=..., seed=..., **options)``
-with a seed derived by SHA-256 from ``(seed, split, round)`` -- never Python's ``hash()``.
-The train split is the first ``size`` distinct questions; the test split is built the same
-way from its own seed, after removing every question of the train split of the same size
-(regenerated here), topping up with further rounds until ``size`` are found. So
-``train ∩ test = ∅`` holds by construction, not by luck.
+Each question belongs to one split, decided by its text: :func:`question_split` hashes the
+normalised question (:func:`manyways.data.contamination.normalise`) with SHA-256 and sends about
+half to ``train`` and half to ``test`` -- never Python's ``hash()``. Each split draws from
+``reasoning_gym.create_dataset(task, size=..., seed=..., **options)`` with a seed derived by
+SHA-256 from ``(seed, split, round)`` and keeps the first ``size`` distinct questions that
+belong to it, topping up with further rounds. So a test split never holds a question of a train
+split, whatever the two sizes and seeds: disjoint by construction, not by luck.
 
 ``problem_id`` is ``f"{task}-{split}-{index}"``, stable across runs for the same config.
 Only numeric golds (integers, decimals, fractions such as ``-4``, ``6.32``, ``3/7``) become
@@ -26,6 +27,7 @@ import logging
 from typing import Any
 
 from manyways.data.answers import is_numeric_answer, strip_dollars
+from manyways.data.contamination import normalise
 from manyways.data.sources import GymSource
 from manyways.data.validate import LoadResult, RawRow, RowError, collect
 
@@ -81,17 +83,24 @@ def _generate(task: str, size: int, seed: int, options: dict[str, Any]) -> list[
     return [dict(dataset[i]) for i in range(size)]
 
 
+def question_split(question: str) -> str:
+    """``train`` or ``test``: the split a question belongs to, a function of its normalised text."""
+    digest = hashlib.sha256(f"manyways/gym/split/{normalise(question)}".encode()).digest()
+    return "test" if digest[0] < 128 else "train"
+
+
 def unique_entries(
-    task: str, size: int, seed: int, split: str, options: dict[str, Any], exclude: set[str]
+    task: str, size: int, seed: int, split: str, options: dict[str, Any]
 ) -> list[tuple[dict[str, Any], int]]:
-    """``size`` entries with distinct questions not in ``exclude``, with the seed of each round."""
-    seen = set(exclude)
+    """``size`` entries with distinct questions of ``split``, with the seed of each round."""
+    seen: set[str] = set()
     entries: list[tuple[dict[str, Any], int]] = []
     for round_idx in range(MAX_ROUNDS):
         round_seed = split_seed(seed, split, round_idx)
-        for entry in _generate(task, size, round_seed, options):
-            if entry["question"] not in seen:
-                seen.add(entry["question"])
+        for entry in _generate(task, 2 * size, round_seed, options):  # about half are this split's
+            key = normalise(str(entry["question"]))
+            if key not in seen and question_split(entry["question"]) == split:
+                seen.add(key)
                 entries.append((entry, round_seed))
             if len(entries) == size:
                 return entries
@@ -103,12 +112,8 @@ def unique_entries(
 
 
 def split_entries(source: GymSource) -> list[tuple[dict[str, Any], int]]:
-    """The entries of ``source.split``; the test split excludes every train question."""
-    train = unique_entries(source.task, source.size, source.seed, "train", source.options, set())
-    if source.split == "train":
-        return train
-    exclude = {entry["question"] for entry, _ in train}
-    return unique_entries(source.task, source.size, source.seed, "test", source.options, exclude)
+    """The entries of ``source.split`` (see :func:`question_split`)."""
+    return unique_entries(source.task, source.size, source.seed, source.split, source.options)
 
 
 def _json_safe(value: Any) -> Any:

@@ -12,7 +12,7 @@ math500         HuggingFaceH4/MATH-500 (test)               problem / answer (el
 aime2024        Maxwell-Jia/AIME_2024 (train)               ID / Problem / Answer
 aime2025        yentinglin/aime_2025 (train)                id / problem / answer
 amc23           math-ai/amc23 (test)                        id / question / answer (float -> "27")
-olympiadbench   Hothan/OlympiadBench OE_TO_maths_en_COMP    id / question / final_answer[0]
+olympiadbench   Hothan/OlympiadBench OE_TO_maths_en_COMP    id / question / all final_answer items
 dapo_math       BytedTsinghua-SIA/DAPO-Math-17k (train)     prompt[user].content without DAPO's
                                                             instructions / reward_model.ground_truth
 humaneval       openai/openai_humaneval (test)              task_id / prompt / canonical_solution /
@@ -97,19 +97,27 @@ def simple_math_record(record: Record) -> Record:
 
 
 def olympiadbench_record(record: Record) -> Record:
-    """OlympiadBench: ``final_answer`` is a list; its first element is the gold."""
+    """OlympiadBench: ``final_answer`` is a list; a problem with several final answers (e.g. two
+    solutions, or x and y) is graded against all of them: the gold is their comma-separated list,
+    which the verifier compares as a set (every answer, nothing more, in any order). The list is
+    kept in ``metadata["final_answers"]``."""
     finals = _get(record, "final_answer")
     if isinstance(finals, str):
         finals = [finals]
     if not isinstance(finals, list) or not finals:
         raise RowError("final_answer", "empty_gold" if finals in ([], None) else "wrong_type")
-    if not isinstance(finals[0], str):
+    if not all(isinstance(f, str) for f in finals):
         raise RowError("final_answer", "wrong_type", "expected a list of strings")
+    answers = [strip_dollars(f) for f in finals]
+    if not all(a.strip() for a in answers):
+        raise RowError("final_answer", "empty_gold", "an empty answer in the list")
     meta = {k: record[k] for k in ("unit", "is_multiple_answer", "subfield") if record.get(k) is not None}
+    if len(answers) > 1:
+        meta["final_answers"] = answers
     return {
         "problem_id": record.get("id"),
         "question": _get(record, "question"),
-        "answer": strip_dollars(finals[0]),
+        "answer": ", ".join(answers),
         "metadata": meta,
     }
 

@@ -12,8 +12,10 @@ sampled from plain prompts (code problems: a "complete this function" system lin
 not depend on the model, so models are compared on common random numbers. Each completion is
 judged by :func:`manyways.verify.registry.verify_many` (the function the verify stage and the
 GRPO reward use). Problems whose gold cannot be parsed (``bad_gold``) are excluded from the
-statistics but counted. Units run over ``evaluate.executor`` (local, or Ray actors with one engine
-and its GPUs each: :func:`manyways.executor.map_shards`); the output does not depend on it.
+statistics but counted; so are training and RL questions found in a benchmark
+(:mod:`manyways.data.contamination`, ``contamination.json``), which are never sampled. Units run
+over ``evaluate.executor`` (local, or Ray actors with one engine and its GPUs each:
+:func:`manyways.executor.map_shards`); the output does not depend on it.
 
 Outputs under ``<run>/evaluate/``: ``problems/<benchmark>.parquet``; ``shards/part-*.parquet``
 (one per (model, benchmark) unit, the unit of resume; :data:`EVAL_SAMPLE_SCHEMA` rows);
@@ -49,6 +51,7 @@ from manyways.artifacts import (
 from manyways.backends.config import BackendConfig, make_backend
 from manyways.backends.protocol import GenerationBackend, GenRequest, GenSample
 from manyways.config import EXECUTOR_KEYS, Config
+from manyways.data.contamination import contamination_counts, count_excluded, decontaminate_into
 from manyways.data.sources import GymSource, HumanEvalSource, ProblemSource
 from manyways.heuristics import render_plain_messages
 from manyways.metrics import bootstrap_ci, default_ks, mean_at_n, pass_at_k_per_problem
@@ -117,6 +120,7 @@ def stage_config(cfg: Config, models: dict[str, str] | None = None) -> dict[str,
         "run": {"seed": cfg.run.seed},
         "model": {"name": cfg.model.name},
         "benchmarks": {k: v.model_dump(mode="json") for k, v in benchmarks(cfg).items()},
+        "training_sets": {"train": data["data"]["train"], "rl": data["data"]["rl"]},  # decontamination
         "evaluate": {k: v for k, v in data["evaluate"].items() if k not in EXECUTOR_KEYS},
         "verify": {"timeout_s": cfg.verify.timeout_s},
         "models": models or {},
@@ -273,6 +277,7 @@ def recompute(stage_dir: Path, ks: Sequence[int], *, n_resamples: int | None = N
     rows = pq.read_table(stage_dir / "counts.parquet").to_pylist()
     b = stored["bootstrap"] if n_resamples is None else n_resamples
     results = results_from_counts(rows, list(ks), n_resamples=b, seed=stored["bootstrap_seed"])
+    count_excluded(results, stored.get("contamination", {}))
     return {**stored, "ks": list(ks), "bootstrap": b, "results": results}
 
 
@@ -368,6 +373,7 @@ def run(
         return read_manifest(out_dir)
     benches = benchmarks(cfg)
     problems = {name: load_benchmark(src, cfg.data.skip_bad) for name, src in benches.items()}
+    problems = decontaminate_into(cfg, problems, out_dir)  # training questions out, counted
     for name, ps in problems.items():
         write_problems(ps, out_dir / "problems" / f"{name}.parquet")
     units = _units(models, benches)
@@ -409,11 +415,14 @@ def _finish(stage: StageDir, cfg: Config, models: dict[str, str], out_dir: Path)
             counts.to_pylist(), cfg.evaluate.ks, n_resamples=cfg.evaluate.bootstrap, seed=cfg.run.seed
         ),
     }
+    results["contamination"] = contamination_counts(out_dir)
+    count_excluded(results["results"], results["contamination"])
     write_json_atomic(out_dir / "results.json", results)
     totals: Counter[str] = Counter()
     for i in range(len(models) * len(results["benchmarks"])):
         totals.update(stage.shard_counters(i))
     totals["excluded_problems"] = sum(int(r["bad_gold"]) for r in counts.to_pylist())
+    totals["contaminated_excluded"] = sum(r["excluded"] for r in results["contamination"].values())
     manifest = stage.finish(dict(totals), {"models": models, "seed": cfg.run.seed})
     metrics = {
         f"{m}/{b}/pass@{k}": v["value"]
