@@ -144,6 +144,10 @@ def test_arm_plans_follow_the_paper():
     )
     distill = {s.name: s for s in experiment.arm_steps("distill_rl", cfg)}
     assert distill["generate"].overrides["generate.teacher_model"] == "t"
+    # the teacher generates (and the arm trains on) heuristics.n heuristics, like polya_n<heuristics.n>,
+    # not the largest n another arm needs
+    assert distill["generate"].overrides["heuristics.n"] == cfg.heuristics.n == 4
+    assert distill["select"].overrides["select.heuristics"] == cfg.heuristics.n
     budget = {s.name: s for s in experiment.arm_steps("budget_4x5", cfg)}
     assert budget["select"].overrides["select.budget_heuristics"] == 4
     assert budget["select"].overrides["select.budget_problems"] == 5

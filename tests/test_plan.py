@@ -102,10 +102,13 @@ def test_paper_plan_counts_follow_the_config():
     p = plan.project(cfg)
     runs = list(p.runs.values())
     polya_gen = p.runs[p.arms["polya_n16"][0].dir]
-    assert polya_gen.estimate.samples == 7473 * 16 * 4
-    assert {"polya_n1", "polya_n16", "budget_1x7408", "incorrect_rl"} <= set(polya_gen.arms)
+    # one generation at the largest n any arm needs (polya_n64) serves every smaller n
+    assert polya_gen.estimate.samples == 7473 * 64 * 4
+    assert {"polya_n1", "polya_n16", "polya_n64", "budget_1x7408", "incorrect_n1"} <= set(polya_gen.arms)
     distill_gen = p.runs[p.arms["distill_rl"][0].dir]
     assert not distill_gen.shared and "QwQ-32B" in distill_gen.estimate.what
+    assert distill_gen.estimate.samples == 7473 * cfg.heuristics.n * 4  # the teacher: heuristics.n
+    assert p.steps("incorrect_n4")["select"].estimate.what.startswith("one incorrect trace per (question, heuristic), 4 ")
     assert distill_gen.gpu_hours > 5 * polya_gen.gpu_hours  # a 32B teacher decodes ~10x slower
     star_gen = p.runs[p.arms["star_rl"][0].dir]
     assert star_gen.estimate.samples == 7473 * 4

@@ -105,12 +105,21 @@ def _data_steps(arm: str, cfg: Config) -> list[Step]:
     elif arm == "distill_rl":
         if not cfg.experiment.teacher_model:
             raise ValueError("arm distill_rl needs experiment.teacher_model")
+        # the teacher's traces under the run's heuristics.n heuristics: the arm compares with
+        # polya_n<heuristics.n>, whatever larger n other arms generate for
+        n_distill = cfg.heuristics.n or n_max
+        select["select.heuristics"] = n_distill
         if cfg.experiment.teacher_model == cfg.model.name:
             # the same model with the same prompts and seeds: the heuristic generation already is
             # this arm's data, so reuse it instead of sampling it again
             log.warning("distill_rl: the teacher is the base model itself; its data equals polya's")
         else:
-            gen = {**gen, "generate.mode": "teacher", "generate.teacher_model": cfg.experiment.teacher_model}
+            gen = {
+                **gen,
+                "heuristics.n": n_distill,
+                "generate.mode": "teacher",
+                "generate.teacher_model": cfg.experiment.teacher_model,
+            }
     elif incorrect_heuristics(arm, cfg) is not None:
         score = {"score.include_incorrect": True}
         select.update({"select.variant": "incorrect", "select.heuristics": incorrect_heuristics(arm, cfg)})

@@ -170,7 +170,7 @@ def export_midtrain_data(cfg: Config, out_dir: Path) -> tuple[list[Path], dict[s
     from manyways.models import load_tokenizer
 
     rows = pq.read_table(path, columns=["messages"]).to_pylist()
-    examples, counts = trl_examples(rows, load_tokenizer(cfg.model.name), cfg.midtrain.max_length)
+    examples, counts = trl_examples(rows, load_tokenizer(cfg.model.name), cfg.midtrain.length_limit)
     dropped = sum(counts.values())
     if dropped:
         log.warning(

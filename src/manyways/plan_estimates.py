@@ -170,8 +170,9 @@ def _select(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumption
     if sel.variant == "star":
         traces, what = round(problems * p_correct), "one correct plain trace per question"
     elif sel.variant == "incorrect":
-        traces = round(problems * heur * (1 - a.train_accuracy**per))
-        what = f"one incorrect trace per (question, heuristic), {plural(heur, 'heuristic')}"
+        h = min(sel.heuristics or heur, heur)
+        traces = round(problems * h * (1 - a.train_accuracy**per))
+        what = f"one incorrect trace per (question, heuristic), {plural(h, 'heuristic')}"
     elif sel.budget_heuristics and sel.budget_problems:
         h, m = min(sel.budget_heuristics, heur), min(sel.budget_problems, problems)
         traces, what = h * m, f"fixed budget: {plural(h, 'heuristic')} x {m:,} questions"
@@ -187,7 +188,7 @@ def _select(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumption
 
 def _midtrain(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -> Estimate:
     m, sel = cfg.midtrain, up["select"]
-    per_trace = min(sel.detail["trace_tokens"], m.max_length)
+    per_trace = min(sel.detail["trace_tokens"], m.length_limit)
     steps = m.max_steps
     if steps and steps > 0:
         seqs = steps * m.batch_size * m.grad_accum * a.train_gpus
