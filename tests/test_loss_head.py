@@ -2,7 +2,7 @@
 that it is the head a real SFT / GRPO step uses.
 
 Tolerances. fp32 (no autocast): the same arithmetic as the plain path up to summation order, so
-1e-5. bf16 autocast: the head's matmuls round to bf16 (unit roundoff 2**-8 = 3.9e-3), as a plain
+1e-5 (whole-model gradients: 1e-4, 100x below the bf16 tolerance). bf16 autocast: the head's matmuls round to bf16 (unit roundoff 2**-8 = 3.9e-3), as a plain
 autocast LM head and TRL's CPU head do; the loss must agree within 1e-3 relative and every
 gradient within 1e-2 relative (Frobenius norm of the difference over the norm of the reference).
 """
@@ -21,6 +21,7 @@ from manyways.config import load_config
 from manyways.loss_head import CompletionLogProbs, install_completion_head, use_loss_head
 
 BF16_GRAD_RTOL = 1e-2
+FP32_GRAD_RTOL = 1e-4
 LOSS_RTOL = 1e-3
 
 
@@ -109,8 +110,10 @@ def test_no_rows_gives_zero_gradients() -> None:
 def tiny_model(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():  # logits of std ~1.6 instead of ~0.16: a loss away from log(vocab)
+        model.get_output_embeddings().weight.mul_(10)
+    return model
 
 
 def sft_batch(vocab: int) -> dict[str, torch.Tensor]:
@@ -142,8 +145,8 @@ def test_sft_completion_loss_and_gradients_match_the_plain_path(tiny_model_dir: 
     batch = sft_batch(model.config.vocab_size)
     plain_loss, plain_grads = loss_and_grads(model, batch, autocast)  # transformers' own loss, all logits
     loss, grads = loss_and_grads(model, batch, autocast, fused_lm_head=True)
-    tol = BF16_GRAD_RTOL if autocast else 1e-5
-    assert abs(loss - plain_loss) / plain_loss < (LOSS_RTOL if autocast else 1e-6)
+    tol = BF16_GRAD_RTOL if autocast else FP32_GRAD_RTOL
+    assert abs(loss - plain_loss) / plain_loss < (LOSS_RTOL if autocast else 1e-5)
     assert grads.keys() == plain_grads.keys() and "model.embed_tokens.weight" in grads
     for name, grad in grads.items():
         assert rel(grad, plain_grads[name]) < tol, name
@@ -234,11 +237,14 @@ def test_grpo_per_token_logps_match_the_plain_path(tmp_path: Path, tiny_model_di
     plain_ent = -(plain_all.exp() * plain_all).sum(-1)
     plain_grads = grads_of(plain)
     valid = attn[:, -keep:].bool()
-    assert rel(logps[valid], plain[valid]) < (LOSS_RTOL if bf16 else 1e-6)
-    assert rel(ent[valid], plain_ent[valid]) < (LOSS_RTOL if bf16 else 1e-6)
+    assert rel(logps[valid], plain[valid]) < (LOSS_RTOL if bf16 else 1e-5)
+    if bf16:
+        assert rel(ent[valid], plain_ent[valid]) < LOSS_RTOL
+    else:  # lse - E[z] vs -sum p log p: fp32 cancellation where the entropy is small
+        assert torch.allclose(ent[valid], plain_ent[valid], atol=1e-4)
     assert torch.count_nonzero(logps[~valid]) == 0
     for name, grad in grads.items():
-        assert rel(grad, plain_grads[name]) < (BF16_GRAD_RTOL if bf16 else 1e-5), name
+        assert rel(grad, plain_grads[name]) < (BF16_GRAD_RTOL if bf16 else FP32_GRAD_RTOL), name
 
 
 def test_loss_head_modes(tmp_path: Path, tiny_model_dir: Path) -> None:
