@@ -185,7 +185,7 @@ def test_models_the_head_does_not_cover_keep_trls(tiny_model_dir: Path) -> None:
 # ---- GRPO per-token log-probs ----------------------------------------------------------------------
 
 
-def grpo_trainer(tmp_path: Path, model_dir: Path, bf16: bool, mode: str) -> Any:
+def grpo_trainer(tmp_path: Path, model_dir: Path, bf16: bool, mode: str, beta: float = 0.0) -> Any:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -199,7 +199,7 @@ def grpo_trainer(tmp_path: Path, model_dir: Path, bf16: bool, mode: str) -> Any:
         bf16=bf16,
         use_cpu=True,
         report_to="none",
-        beta=0.0,
+        beta=beta,
     )
     trainer = GRPOTrainer(
         model=tiny_model(model_dir),
@@ -258,6 +258,20 @@ def test_loss_head_modes(tmp_path: Path, tiny_model_dir: Path) -> None:
         use_loss_head(trainer, "completion")
 
 
+def test_grpo_reference_model_gets_the_head_too(tmp_path: Path, tiny_model_dir: Path) -> None:
+    trainer = grpo_trainer(tmp_path, tiny_model_dir, False, "auto", beta=0.1)
+    assert trainer.ref_model is not None
+    assert getattr(trainer.ref_model.forward, "_manyways_completion_head", False)
+    ids = torch.randint(0, trainer.model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        ref = trainer.ref_model(input_ids=ids, labels=labels, fused_lm_head=True)
+        logits = trainer.ref_model(input_ids=ids).logits[:, 5:-1] / 0.7
+    plain = logits.log_softmax(-1).gather(-1, ids[:, 6:, None]).squeeze(-1)
+    assert torch.allclose(ref.log_probs[:, 5:], plain, atol=1e-5)
+
+
 # ---- the hook is active in a real training step ------------------------------------------------------
 
 
@@ -299,8 +313,10 @@ def count_head_work(trainer: Any, scored: Any) -> tuple[HeadProjections, HeadPro
     return forward, backward, needed
 
 
-@pytest.mark.parametrize("head", ["auto", "trl"])
-def test_sft_step_scores_only_the_completion(tmp_path: Path, tiny_model_dir: Path, head: str) -> None:
+@pytest.mark.parametrize(("head", "lora"), [("auto", False), ("trl", False), ("auto", True)])
+def test_sft_step_scores_only_the_completion(
+    tmp_path: Path, tiny_model_dir: Path, head: str, lora: bool
+) -> None:
     from manyways.models import load_tokenizer
     from manyways.stages import midtrain
 
@@ -315,6 +331,7 @@ def test_sft_step_scores_only_the_completion(tmp_path: Path, tiny_model_dir: Pat
             f"midtrain.loss_head={head}",
             'midtrain.trl.save_strategy="no"',
             "midtrain.log_samples=false",
+            f"midtrain.lora.enabled={str(lora).lower()}",
         ],
     )
     examples = [
