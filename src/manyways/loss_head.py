@@ -27,7 +27,8 @@ DTensor weights, vision-language models, MoE router losses, prompt-learning PEFT
 Config switch: ``midtrain.loss_head`` / ``rl.loss_head`` = ``auto`` (default: this head on CPU,
 TRL's elsewhere, where TRL's Triton path already scores only the labelled positions with bf16
 matmuls and fp32 outputs), ``completion`` (this head on any device) or ``trl`` (TRL's unchanged).
-The hook is :func:`use_loss_head`, called on the built trainer before ``train()``.
+The hook is :func:`use_loss_head`, called on the built trainer before ``train()``. What TRL could
+change upstream instead: ``docs/trl_fused_head_cpu.md``.
 """
 
 from __future__ import annotations
