@@ -117,7 +117,10 @@ class CompletionLogProbs(torch.autograd.Function):
             for i, a in enumerate(range(0, n, rows)):
                 b = min(a + rows, n)
                 h = hidden[a:b].to(w.dtype)
-                logits = ctx.kept[i] if ctx.kept is not None else h @ w.t()
+                if ctx.kept is not None:
+                    logits, ctx.kept[i] = ctx.kept[i], None  # freed once used
+                else:
+                    logits = h @ w.t()
                 gz = _logits_grad(
                     logits,
                     targets[a:b],
