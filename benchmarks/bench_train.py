@@ -3,9 +3,13 @@
 7. ``manyways.stages.midtrain.build_trainer`` (our configuration: bf16 autocast where the CPU has
    it) against a plain TRL ``SFTTrainer`` in fp32 without packing, same model, data and steps,
    ABAB; also each as a fraction of the 6N-FLOP-per-token bound at the measured fp32 and bf16
-   matmul rates. Examples are the polya_v1 exemplar solutions as SFT conversations.
+   matmul rates. Examples are the polya_v1 exemplar solutions as SFT conversations. A third
+   variant, interleaved with the two, is our trainer with TRL's own LM head
+   (``midtrain.loss_head=trl``): ``loss_head_speedup`` in the details is ours / that (issue 16
+   item 3, :mod:`manyways.loss_head`).
 8. ``manyways.stages.rl.build_trainer`` for a few GRPO steps: time outside generation / time in
-   generation (TRL's ``_generate_single_turn`` timed), first step excluded (warm-up).
+   generation (TRL's ``_generate_single_turn`` timed), first step excluded (warm-up). The same run
+   with ``rl.loss_head=trl`` follows; its ratio is a detail (``ratio_with_trl_head``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ def sft_examples(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def ours_sft_trainer(examples: list[dict[str, Any]], steps: int, batch: int, work: Path) -> Any:
+def ours_sft_trainer(
+    examples: list[dict[str, Any]], steps: int, batch: int, work: Path, loss_head: str = "auto"
+) -> Any:
     """The midtrain stage's trainer (its own config: bf16 autocast if available) for the figure."""
     from manyways.stages.midtrain import build_trainer
 
@@ -70,14 +76,17 @@ def ours_sft_trainer(examples: list[dict[str, Any]], steps: int, batch: int, wor
             "midtrain.save_steps=100000",
             'midtrain.trl.save_strategy="no"',  # no 1.6 GB final checkpoint (not timed anyway)
             "midtrain.log_samples=false",
+            f"midtrain.loss_head={loss_head}",
         ],
     )
     return build_trainer(cfg, work / "midtrain", examples, load_tokenizer(DEFAULT_MODEL))
 
 
-def ours_sft(examples: list[dict[str, Any]], steps: int, batch: int, work: Path) -> list[float]:
+def ours_sft(
+    examples: list[dict[str, Any]], steps: int, batch: int, work: Path, loss_head: str = "auto"
+) -> list[float]:
     """Step times of the midtrain stage's trainer."""
-    trainer = ours_sft_trainer(examples, steps, batch, work)
+    trainer = ours_sft_trainer(examples, steps, batch, work, loss_head)
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
@@ -141,6 +150,7 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
             {
                 "ours": lambda: ours_sft(examples, steps, batch, work),
                 "plain": lambda: plain_sft(examples, steps, batch, work),
+                "ours_trl_head": lambda: ours_sft(examples, steps, batch, work, "trl"),
             },
             repeats,
         )
@@ -148,6 +158,7 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
     rate = {k: [per_step / median_spread(t[1:] or t)[0] for t in v] for k, v in runs.items()}
     ratio, spread = median_spread(ratio_samples(rate["ours"], rate["plain"]))
     ours = median_spread(rate["ours"])[0]
+    head_speedup, head_spread = median_spread(ratio_samples(rate["ours"], rate["ours_trl_head"]))
     fp32_bound = train_tokens_per_s_bound(n_params, bounds["peak_fp32_flops"])
     bf16_bound = train_tokens_per_s_bound(n_params, bounds["peak_bf16_flops"])
     detail = {
@@ -156,6 +167,9 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
         "ours_fraction_of_fp32_bound": ours / fp32_bound,
         "ours_fraction_of_bf16_bound": ours / bf16_bound,
         "plain_fraction_of_fp32_bound": median_spread(rate["plain"])[0] / fp32_bound,
+        "ours_trl_head_tokens_per_s": median_spread(rate["ours_trl_head"])[0],
+        "loss_head_speedup": head_speedup,
+        "loss_head_speedup_spread": head_spread,
         "tokens_per_step": per_step,
         "workload": f"{steps} steps x batch {batch}, {len(examples)} exemplar conversations",
     }
@@ -172,7 +186,7 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
     )
 
 
-def rl_trainer(steps: int, completion_tokens: int, work: Path) -> Any:
+def rl_trainer(steps: int, completion_tokens: int, work: Path, loss_head: str = "auto") -> Any:
     """The rl stage's trainer on the demo config, from the base model, for the figure."""
     from manyways.stages.rl import build_trainer, load_rl_problems
 
@@ -184,6 +198,7 @@ def rl_trainer(steps: int, completion_tokens: int, work: Path) -> Any:
             "rl.save_steps=100000",
             'rl.trl.save_strategy="no"',
             f"rl.max_completion_length={completion_tokens}",
+            f"rl.loss_head={loss_head}",
         ],
     )
     problems, _ = load_rl_problems(cfg)
@@ -191,10 +206,10 @@ def rl_trainer(steps: int, completion_tokens: int, work: Path) -> Any:
     return trainer
 
 
-def figure_8(sizes: dict[str, int]) -> Figure:
-    """GRPO: time outside generation / generation time per step (first step excluded)."""
+def grpo_split(sizes: dict[str, int], loss_head: str) -> tuple[list[float], list[float], Any]:
+    """Step times and generation times of a few GRPO steps of the rl stage's trainer."""
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = rl_trainer(sizes["fig8_steps"], sizes["fig8_completion"], Path(tmp))
+        trainer = rl_trainer(sizes["fig8_steps"], sizes["fig8_completion"], Path(tmp), loss_head)
         clock, gen_times = StepClock(), []
         inner = trainer._generate_single_turn
 
@@ -207,9 +222,19 @@ def figure_8(sizes: dict[str, int]) -> Figure:
         trainer._generate_single_turn = timed_generate
         trainer.add_callback(clock)
         trainer.train()
-    pairs = list(zip(clock.times, gen_times, strict=False))[1:]
-    ratios = [(step - gen) / gen for step, gen in pairs]
-    value, spread = median_spread(ratios)
+    return clock.times, gen_times, trainer.args.num_generations
+
+
+def outside_ratios(step_s: list[float], gen_s: list[float]) -> list[float]:
+    """(step - generation) / generation per step, the first (warm-up) excluded."""
+    return [(step - gen) / gen for step, gen in list(zip(step_s, gen_s, strict=False))[1:]]
+
+
+def figure_8(sizes: dict[str, int]) -> Figure:
+    """GRPO: time outside generation / generation time per step (first step excluded)."""
+    step_s, gen_s, group = grpo_split(sizes, "auto")
+    value, spread = median_spread(outside_ratios(step_s, gen_s))
+    trl_step_s, trl_gen_s, _ = grpo_split(sizes, "trl")  # TRL's LM head, run after (not ABAB)
     return Figure(
         8,
         "GRPO step: time outside generation / generation time",
@@ -219,10 +244,13 @@ def figure_8(sizes: dict[str, int]) -> Figure:
         spread,
         "-",
         {
-            "step_s": clock.times,
-            "generation_s": gen_times,
+            "step_s": step_s,
+            "generation_s": gen_s,
+            "ratio_with_trl_head": median_spread(outside_ratios(trl_step_s, trl_gen_s))[0],
+            "trl_head_step_s": trl_step_s,
+            "trl_head_generation_s": trl_gen_s,
             "config": CONFIG,
             "completion_tokens": sizes["fig8_completion"],
-            "group": trainer.args.num_generations,
+            "group": group,
         },
     )

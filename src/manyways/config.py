@@ -205,6 +205,11 @@ class MidtrainSection(Section):
     log_samples: bool = Field(
         True, description="Write samples.jsonl: the example ids each optimizer step consumed."
     )
+    loss_head: Literal["auto", "completion", "trl"] = Field(
+        "auto",
+        description="LM head of the loss: completion = log-probs at the labelled positions only, bf16 "
+        "matmuls, fp32 log-softmax (manyways.loss_head); trl = TRL's fused head; auto = completion on CPU.",
+    )
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.SFTConfig untouched, over our defaults."
     )
@@ -259,6 +264,11 @@ class RLSection(Section):
         description="colocate: vLLM in the trainer's processes; server: `trl vllm-serve` elsewhere.",
     )
     lora: LoraSection = Field(default_factory=LoraSection)
+    loss_head: Literal["auto", "completion", "trl"] = Field(
+        "auto",
+        description="LM head of the loss: completion = log-probs at the labelled positions only, bf16 "
+        "matmuls, fp32 log-softmax (manyways.loss_head); trl = TRL's fused head; auto = completion on CPU.",
+    )
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.GRPOConfig untouched, over our defaults."
     )

@@ -196,6 +196,9 @@ def build_trainer(
         ],
     )
     quiet_trainer(trainer)
+    from manyways.loss_head import use_loss_head  # issue 16: labelled positions only, bf16 head
+
+    use_loss_head(trainer, cfg.midtrain.loss_head)
     if cfg.midtrain.log_samples and len(trainer.train_dataset) == len(examples):
         keys = {
             example_key(row["input_ids"]): e["sample_id"]

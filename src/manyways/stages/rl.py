@@ -188,6 +188,9 @@ def build_trainer(
         callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics, MasterWeightsCallback()],
     )
     cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
+    from manyways.loss_head import use_loss_head  # issue 16: completion positions only, bf16 head
+
+    use_loss_head(trainer, cfg.rl.loss_head)
     return quiet_trainer(trainer), correctness
 
 
