@@ -52,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_config_args(sub.add_parser(name, help=f"run the {name} stage"))
     _add_config_args(sub.add_parser("pipeline", help="run every stage of one arm in order"))
-    _add_config_args(sub.add_parser("experiment", help="run every arm of the config and compare them"))
+    exp_cmd = sub.add_parser("experiment", help="run every arm of the config and compare them")
+    _add_config_args(exp_cmd)
+    exp_cmd.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run the config on this CPU with tiny stand-ins for Hub models and data (manyways.rehearsal)",
+    )
+    exp_cmd.add_argument(
+        "--rehearse-scale", type=int, default=None, help="rehearsal: divisor of question counts"
+    )
 
     peek = sub.add_parser("peek", help="answer a few problems under two heuristics and verify them")
     _add_config_args(peek)
@@ -145,6 +154,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(manifest["summary"])
     elif args.command == "pipeline":
         pipeline.run_all(cfg, overwrite=args.overwrite, show_progress=progress)
+    elif args.command == "experiment" and args.rehearse:
+        from manyways.rehearsal import Scale, rehearse
+
+        print(rehearse(cfg, scale=Scale(questions=args.rehearse_scale), overwrite=args.overwrite)["report"])
     elif args.command == "experiment":
         from manyways.experiment import run_experiment
 
