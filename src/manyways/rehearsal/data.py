@@ -4,8 +4,8 @@ Each writer produces rows with the real dataset's columns and value types (AIME 
 ``Answer``, AMC23's float ``answer``, OlympiadBench's ``final_answer`` list, MuSR's ``choices``
 as a list literal string, DAPO's chat-message ``prompt`` with its answer-format instructions, ...),
 so the rehearsal runs the same preset transforms as a real run. The questions are simple sums;
-half of them have the gold ``7`` (the answer the stand-in models were taught to box, see
-:mod:`manyways.rehearsal.models`) so that correct and incorrect traces both exist.
+half of them have the gold ``7`` (the answer the stand-in models were taught to box most of the
+time, see :mod:`manyways.rehearsal.models`) so that correct and incorrect traces both exist.
 """
 
 from __future__ import annotations

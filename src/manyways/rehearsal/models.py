@@ -55,7 +55,7 @@ def _tokenizer(family: str) -> Any:
     return tok
 
 
-def _model(family: str, tok: Any, dtype: str, seed: int) -> Any:
+def _model(family: str, tok: Any, dtype: str, seed: int, teach: bool = True) -> Any:
     import torch
     from transformers import (
         LlamaConfig,
@@ -84,7 +84,7 @@ def _model(family: str, tok: Any, dtype: str, seed: int) -> Any:
         model = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1))
     else:
         model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
-    if family != "llama_reward":
+    if teach and family != "llama_reward":
         _teach(model, tok, seed=seed)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
@@ -137,8 +137,11 @@ def _teach(model: Any, tok: Any, steps: int = 120, seed: int = 0) -> None:
     log.info("taught the stand-in to box 7 (final loss %.3f)", float(loss.detach()))
 
 
-def build_stand_in(family: str, out_dir: Path, *, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Build (once; cached by directory) a tiny random-weight model of ``family`` in ``out_dir``."""
+def build_stand_in(
+    family: str, out_dir: Path, *, dtype: str = "bfloat16", seed: int = 0, teach: bool = True
+) -> Path:
+    """Build (once; cached by directory) a tiny random-weight model of ``family`` in ``out_dir``;
+    chat models are then taught to box an answer (:func:`_teach`) unless ``teach`` is False."""
     if family not in FAMILIES:
         raise ValueError(f"unknown stand-in family {family!r}: use one of {FAMILIES}")
     if dtype not in ("float32", "bfloat16"):
@@ -149,7 +152,7 @@ def build_stand_in(family: str, out_dir: Path, *, dtype: str = "bfloat16", seed:
 
     def build(tmp: Path) -> None:
         tok = _tokenizer(family)
-        _model(family, tok, dtype, seed).save_pretrained(tmp, safe_serialization=True)
+        _model(family, tok, dtype, seed, teach).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
     log.info("building a tiny %s stand-in (%s) in %s", family, dtype, out_dir)
