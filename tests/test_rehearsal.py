@@ -148,9 +148,10 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
         **{f"eval_{k}": v for k, v in rcfg.data.eval.items()},
     }
     for label, src in sources.items():
-        if src.kind != "hub":
-            continue
         info = subs.datasets[label]
+        if src.kind == "humaneval":
+            assert src.limit == info["rows"] == math.ceil(164 / q)
+            continue
         assert src.data_files == info["file"] and info["rows"] == max(1, math.ceil(info["real_rows"] / q))
         loaded = load_problems(src)
         assert len(loaded.problems) == info["rows"] and not loaded.set_aside, label
@@ -171,27 +172,34 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
         substitute.question_factor(cfg, q + 1 if q > 1 else 7)
 
 
-@pytest.mark.slow
-def test_rehearsal_of_the_paper_recipe(
+def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`manyways experiment configs/paper_llama3b.yaml --rehearse`: every arm, evaluated and analysed,
-    generation through the vllm back-end on Ray workers with fake GPUs, training under accelerate."""
     from manyways.cli import main
 
     monkeypatch.chdir(tmp_path)
-    rc = main(["experiment", str(PAPER), "--rehearse", "--no-progress", f"run.root={tmp_path / 'runs'}"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    cfg = load_config(PAPER)
-    for arm in cfg.experiment.arms:
-        assert f"\n  {arm}\n" in out
+    assert (
+        main(["experiment", str(PAPER), "--rehearse", "--rehearse-scale", "7", f"run.root={tmp_path}"]) == 2
+    )
+    assert "does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rehearsal_of_the_paper_recipe(tmp_path: Path) -> None:
+    """The rehearsal of configs/paper_llama3b.yaml: every arm, evaluated and analysed, generation
+    through the vllm back-end on Ray workers with fake GPUs, midtrain and rl on two processes."""
     import json
 
-    summary = json.loads((tmp_path / "runs" / "paper_llama3b-rehearsal" / "rehearsal.json").read_text())
+    from manyways.rehearsal import Scale, rehearse
+
+    cfg = load_config(PAPER, [f"run.root={tmp_path / 'runs'}"])
+    summary = rehearse(cfg, workdir=tmp_path / "work", scale=Scale(max_eval_rl_rows=8))
+    report = summary["report"]
     for arm in cfg.experiment.arms:
+        assert f"\n  {arm}\n" in report
         assert {"rl", "evaluate", "analyze"} <= set(summary["ran"][arm])
-    assert any(d.startswith("midtrain-") for d in summary["launched"])
-    assert any(d.startswith("rl-") for d in summary["launched"])
-    assert "== real run" in out
+    assert {d.split("-")[0] for d in summary["launched"]} == {"midtrain", "rl"}
+    saved = json.loads((tmp_path / "work" / "rehearsal.json").read_text())
+    assert saved["ran"] == json.loads(json.dumps(summary["ran"]))
+    assert "== real run" in report
     assert os.environ.get(engine_mod.GPU_DIR_ENV) is None  # the environment is restored

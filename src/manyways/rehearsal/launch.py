@@ -1,6 +1,7 @@
-"""Entry point of one training stage under ``accelerate launch`` (every rank runs this).
+"""Entry point of one training stage on several processes (every rank runs this).
 
-``accelerate launch --num_processes 2 --cpu -m manyways.rehearsal.launch SPEC.json`` where
+``ACCELERATE_USE_CPU=true python -m torch.distributed.run --standalone --nproc_per_node 2 -m
+manyways.rehearsal.launch SPEC.json`` (also ``accelerate launch ... -m manyways.rehearsal.launch``) where
 SPEC holds the stage name, the resolved config, the output directory and the inputs; the stage's
 own ``run`` does the rest (rank 0 writes, the others wait), as in the recipe's multi-GPU launch.
 """

