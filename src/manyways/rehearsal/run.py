@@ -160,19 +160,25 @@ def ran_counts(cfg: Config, summary: dict[str, Any]) -> dict[str, dict[str, dict
 
 
 def real_projection(cfg: Config) -> Any:
-    """The real run's per-arm/stage counts and GPU-hours.
-
-    CALL SITE for :mod:`manyways.plan` (engineer h8): it is used when it exists; until then the
-    rehearsal reports only what it ran."""
+    """The real run's projection: :func:`manyways.plan.project` (per arm and step: counts, tokens,
+    GPU-hours), or None in a build without :mod:`manyways.plan`."""
     try:
-        from manyways import plan
+        from manyways.plan import project
     except ImportError:
+        log.warning("manyways.plan is not available: the report shows no projection of the real run")
         return None
-    for name in ("project", "plan_experiment", "build_plan", "plan"):
-        fn = getattr(plan, name, None)
-        if callable(fn):
-            return fn(cfg)
-    return None
+    return project(cfg)
+
+
+def _projected(plan: Any, arm: str, step: str) -> str:
+    """``real: <what>, <count> <unit>, <tokens> out, <h> GPU-h`` for one arm's step, if planned."""
+    try:
+        run = plan.steps(arm)[step]
+    except (AttributeError, KeyError):
+        return ""
+    e = run.estimate
+    shared = f" (shared by {len(run.arms)} arms)" if len(run.arms) > 1 else ""
+    return f" | real: {e.count:,} {e.unit}, {e.tokens_out:,} tokens out, {e.gpu_hours:.1f} GPU-h{shared}"
 
 
 KEY_COUNTS = (
@@ -205,19 +211,18 @@ def format_report(subs: Substitutions, ran: dict[str, Any], projection: Any) -> 
         for k, v in subs.datasets.items()
     ]
     lines += [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in subs.settings.items()]
-    lines += ["", "== rehearsal: stages run per arm (counts from each stage's manifest)"]
+    lines += ["", "== rehearsal: stages run per arm (counts from each stage's manifest | the real run's)"]
     for arm, stages in ran.items():
         lines.append(f"  {arm}")
         for step, info in stages.items():
             tag = "reused" if info["reused"] else "ran   "
-            lines.append(f"    {step:<9} {tag} {info['dir']:<24} {_short(info['counts'])}")
+            real = _projected(projection, arm, step) if projection is not None else ""
+            lines.append(f"    {step:<9} {tag} {info['dir']:<24} {_short(info['counts'])}{real}")
     lines += ["", "== real run: projected counts and GPU-hours (manyways.plan)"]
     if projection is None:
         lines.append("  manyways.plan is not available in this build: no projection printed")
     else:
-        text = projection if isinstance(projection, str) else getattr(projection, "table", None)
-        text = text() if callable(text) else text
-        lines.append(str(text if text is not None else projection))
+        lines.append(projection.table())
     return "\n".join(lines)
 
 
