@@ -203,3 +203,7 @@ def test_rehearsal_of_the_paper_recipe(tmp_path: Path) -> None:
     assert saved["ran"] == json.loads(json.dumps(summary["ran"]))
     assert "== real run" in report
     assert os.environ.get(engine_mod.GPU_DIR_ENV) is None  # the environment is restored
+    # engines ran on both fake GPUs, in processes other than this one (the Ray workers)
+    holders = {p.name: p.read_text().strip() for p in (tmp_path / "work" / "gpus").glob("gpu*.lock")}
+    assert set(holders) == {"gpu0.lock", "gpu1.lock"}
+    assert str(os.getpid()) not in holders.values()

@@ -54,7 +54,7 @@ def rehearsal_environment(workdir: Path, fake_gpus: int) -> Iterator[dict[str, s
     environment for the training launches (no shim: TRL must not find a vllm there)."""
     shim = str(write_shim(workdir))
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", GPU_DIR_ENV, GPU_COUNT_ENV)}
-    train_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and "shim" not in p)}
+    train_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and p != shim)}
     os.environ["PYTHONPATH"] = os.pathsep.join([shim, *filter(None, [saved["PYTHONPATH"]]), *sys.path[1:]])
     os.environ[GPU_DIR_ENV] = str(workdir / "gpus")
     os.environ[GPU_COUNT_ENV] = str(fake_gpus)
