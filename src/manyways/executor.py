@@ -82,7 +82,7 @@ def _map_ray(
         kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus or workers}
         ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
     try:
-        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if ray.cluster_resources().get('GPU') else 0)(_Actor)  # TEMP h6
+        actor_cls = ray.remote(num_cpus=1)(_Actor)
         actors = [actor_cls.remote(factory) for _ in range(max(1, min(workers, len(items))))]
         pending: dict[Any, tuple[int, Any]] = {}
         queue = list(items)
