@@ -23,7 +23,7 @@ import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,3 @@ class LLM:
         claim = getattr(self, "_claim", None)
         if claim is not None:
             claim.release()
-
-
-_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
