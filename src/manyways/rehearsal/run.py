@@ -145,6 +145,8 @@ class AccelerateStages:
 
 def ran_counts(cfg: Config, summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per arm and stage: the stage directory, whether it was reused, and its manifest counts."""
+    from manyways.experiment import arm_steps
+
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for arm in ["base", *cfg.experiment.arms]:
         path = cfg.run_dir / "arms" / f"{arm}.json"
@@ -152,7 +154,8 @@ def ran_counts(cfg: Config, summary: dict[str, Any]) -> dict[str, dict[str, dict
             continue
         record = json.loads(path.read_text())
         out[arm] = {}
-        for step, info in record["stages"].items():
+        order = [s.name for s in arm_steps(arm, cfg)]  # run order (the record's keys are sorted)
+        for step, info in sorted(record["stages"].items(), key=lambda kv: order.index(kv[0])):
             manifest = read_manifest(Path(info["dir"]))
             counts = {k: v for k, v in manifest.get("counts", {}).items() if isinstance(v, (int, float))}
             out[arm][step] = {"dir": Path(info["dir"]).name, "reused": info["reused"], "counts": counts}
@@ -197,7 +200,9 @@ KEY_COUNTS = (
 
 
 def _short(counts: dict[str, Any]) -> str:
-    keys = [k for k in counts if any(k == c or k.endswith(c) for c in KEY_COUNTS)] or list(counts)
+    keys = [k for k in counts if ":" not in k and any(k == c or k.endswith(c) for c in KEY_COUNTS)] or list(
+        counts
+    )
     return ", ".join(f"{k}={counts[k]}" for k in keys[:6])
 
 
