@@ -207,3 +207,27 @@ def test_rehearsal_of_the_paper_recipe(tmp_path: Path) -> None:
     holders = {p.name: p.read_text().strip() for p in (tmp_path / "work" / "gpus").glob("gpu*.lock")}
     assert set(holders) == {"gpu0.lock", "gpu1.lock"}
     assert str(os.getpid()) not in holders.values()
+
+
+def test_report_puts_each_step_beside_the_real_runs_projection() -> None:
+    """With manyways.plan's Plan (steps(arm) -> StageRun with an estimate; table()) the report
+    shows, per arm and step, what ran and the real run's counts and GPU-hours."""
+    from types import SimpleNamespace
+
+    from manyways.rehearsal.run import format_report
+    from manyways.rehearsal.substitute import Substitutions
+
+    estimate = SimpleNamespace(count=478_272, unit="samples", tokens_out=191_000_000, gpu_hours=7.1)
+    run = SimpleNamespace(estimate=estimate, arms=["polya_n1", "polya_n16"])
+    plan = SimpleNamespace(steps=lambda arm: {"generate": run}, table=lambda: "TOTAL 500 GPU-h")
+    ran = {
+        "polya_n1": {
+            "generate": {"dir": "generate-abc", "reused": True, "counts": {"rows": 1088, "h:x:correct": 3}}
+        }
+    }
+    text = format_report(Substitutions(scale={"questions": 463}), ran, plan)
+    line = next(ln for ln in text.splitlines() if "generate-abc" in ln)
+    assert "reused" in line and "rows=1088" in line and "h:x" not in line
+    assert "real: 478,272 samples, 191,000,000 tokens out, 7.1 GPU-h (shared by 2 arms)" in line
+    assert text.rstrip().endswith("TOTAL 500 GPU-h")
+    assert "not available" in format_report(Substitutions(), ran, None)
