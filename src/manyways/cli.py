@@ -52,12 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_config_args(sub.add_parser(name, help=f"run the {name} stage"))
     _add_config_args(sub.add_parser("pipeline", help="run every stage of one arm in order"))
-    exp_run = sub.add_parser("experiment", help="run every arm of the config and compare them")
-    _add_config_args(exp_run)
-    exp_run.add_argument(
+    exp_cmd = sub.add_parser("experiment", help="run every arm of the config and compare them")
+    _add_config_args(exp_cmd)
+    exp_cmd.add_argument(
         "--plan",
         action="store_true",
         help="print each arm's stages, sizes, tokens and GPU-hours; run nothing",
+    )
+    exp_cmd.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run the config on this CPU with tiny stand-ins for Hub models and data (manyways.rehearsal)",
+    )
+    exp_cmd.add_argument(
+        "--rehearse-scale", type=int, default=None, help="rehearsal: divisor of question counts"
     )
 
     peek = sub.add_parser("peek", help="answer a few problems under two heuristics and verify them")
@@ -155,6 +163,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from manyways.plan import format_plan, project
 
         print(format_plan(project(cfg)))
+    elif args.command == "experiment" and args.rehearse:
+        from manyways.rehearsal import Scale, rehearse
+
+        print(rehearse(cfg, scale=Scale(questions=args.rehearse_scale), overwrite=args.overwrite)["report"])
     elif args.command == "experiment":
         from manyways.experiment import run_experiment
 

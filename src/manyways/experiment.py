@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,9 @@ class ExperimentRun:
     show_progress: bool = True
     executed: list[str] = field(default_factory=list)  # stage dirs computed in this call
     reused: list[str] = field(default_factory=list)  # stage dirs found finished
+    # how a stage is run: (stage, cfg, out, inputs, overwrite, show_progress); None = in-process.
+    # The rehearsal (manyways.rehearsal) runs midtrain and rl under `accelerate launch` with it.
+    stage_runner: Callable[..., Any] | None = None
 
     @property
     def store(self) -> Path:
@@ -205,9 +209,12 @@ class ExperimentRun:
             self.reused.append(out.name)
             return out
         log.info("== %s -> %s", step.stage, out.name)
-        stage_module(step.stage).run(
-            cfg, out, inputs=inputs, overwrite=self.overwrite, show_progress=self.show_progress
-        )
+        if self.stage_runner is not None:
+            self.stage_runner(step.stage, cfg, out, inputs, self.overwrite, self.show_progress)
+        else:
+            stage_module(step.stage).run(
+                cfg, out, inputs=inputs, overwrite=self.overwrite, show_progress=self.show_progress
+            )
         self.executed.append(out.name)
         return out
 
@@ -242,7 +249,13 @@ class ExperimentRun:
         return done
 
 
-def run_experiment(cfg: Config, *, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+def run_experiment(
+    cfg: Config,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    stage_runner: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
     """Run every arm, evaluate, analyze, and write one comparison report; returns a summary."""
     from manyways.experiment_report import write_experiment_report
 
@@ -252,7 +265,7 @@ def run_experiment(cfg: Config, *, overwrite: bool = False, show_progress: bool 
     if unknown:
         raise ValueError(f"experiment.overrides names arms that are not in experiment.arms: {unknown}")
     save_run_config(cfg, overwrite=overwrite)
-    runner = ExperimentRun(cfg, overwrite=overwrite, show_progress=show_progress)
+    runner = ExperimentRun(cfg, overwrite=overwrite, show_progress=show_progress, stage_runner=stage_runner)
     base = runner.evaluate_base()
     arms = {}
     for arm in cfg.experiment.arms:

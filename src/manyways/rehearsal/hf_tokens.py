@@ -1,0 +1,47 @@
+"""Our hf back-end's batched, prefix-sharing decode loop, fed token ids instead of messages.
+
+The rehearsal engine (:mod:`manyways.rehearsal.engine`) receives prompts the way vLLM does --
+token ids, each with its own seed -- and runs them through :class:`HFBackend`'s own batching,
+prefill and per-sample seeded sampling; this subclass only changes the input (ids) and the
+output (the completion's token ids and the raw finish reason, which vLLM reports).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from manyways.backends.hf import HFBackend, _Row, _Unit
+from manyways.backends.protocol import GenRequest
+from manyways.backends.sampling import plan_batches
+
+
+class TokenBackend(HFBackend):
+    """:class:`HFBackend` with :meth:`generate_ids`."""
+
+    def generate_ids(
+        self, prompts: Sequence[list[int]], params: Sequence[Any], limits: Sequence[int]
+    ) -> list[tuple[str, list[int], str]]:
+        """(text, completion token ids, finish reason) per prompt; one sample each."""
+        units = []
+        for k, (ids, p, limit) in enumerate(zip(prompts, params, limits, strict=True)):
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
+            request = GenRequest(
+                f"r{k}", [], (int(seed),), max(1, limit), p.temperature, p.top_p, tuple(p.stop or ())
+            )
+            units.append(_Unit(k, request, request.seeds, list(ids)))
+        results: list[Any] = [None] * len(units)
+        batches = plan_batches([u.tokens for u in units], [1] * len(units), self.batch_size)
+        with torch.inference_mode(), self._attention():
+            for batch in batches:
+                chosen = [units[i] for i in batch]
+                for unit, samples in zip(chosen, self._generate_batch(chosen, None), strict=True):
+                    results[unit.request_index] = samples[0]
+        return results
+
+    def _to_sample(self, row: _Row) -> Any:  # type: ignore[override]
+        sample = super()._to_sample(row)
+        return sample.text, list(row.tokens), row.finish or "length"
