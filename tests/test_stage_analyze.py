@@ -146,9 +146,15 @@ def test_vendi_yield_and_trace_samples(tmp_path: Path, stages: dict[str, Path]) 
     texts = [r["messages"][-1]["content"] for r in sft_rows()]
     ngram = a["vendi"]["kernels"]["ngram"]
     assert ngram["kernel"] == "ngram"
-    assert ngram["overall"] == pytest.approx(vendi_of_texts(texts, "ngram"))
+    assert ngram["overall"] == pytest.approx(vendi_of_texts(texts, "ngram", ngram_dim=4096))
+    assert "hashed to 4096" in ngram["kernel_label"]
     assert 1.0 < ngram["overall"] <= len(texts)
     assert ngram["problems_with_2plus"] == 4
+    per_q = [vendi_of_texts(texts[2 * i : 2 * i + 2]) for i in range(4)]  # 2 traces per problem
+    assert ngram["per_problem_mean"] == pytest.approx(sum(per_q) / 4)
+    low, high = ngram["per_problem_ci"]
+    assert min(per_q) - 1e-9 <= low <= ngram["per_problem_mean"] <= high <= max(per_q) + 1e-9
+    assert ngram["per_problem_max_traces"] == 2 and high <= 2.0 + 1e-9  # at most n at n traces
     assert set(ngram["per_heuristic"]) == {"decompose", "work_backward"}
     assert got["manifest"]["counts"]["vendi_ngram"] == ngram["overall"]
     assert a["yield"]["per_heuristic"] == {"decompose": 1.0, "work_backward": 0.5}

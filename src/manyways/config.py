@@ -238,6 +238,9 @@ class EvaluateSection(Section):
 
 class AnalyzeSection(Section):
     kernels: list[Literal["ngram", "embedding"]] = Field(default_factory=lambda: ["ngram"])
+    ngram_dim: int | None = Field(
+        4096, ge=1, description="Hashed n-gram features for whole-set Vendi (d x d eigenproblem); None = exact."
+    )
     judge_backend: BackendConfig = Field(default_factory=BackendConfig)
     judge_model: str | None = Field(None, description="Composition judge; None = the base model.")
     max_traces: int = Field(32, ge=0, description="Traces per model labelled by the composition judge.")

@@ -41,7 +41,8 @@ from manyways.artifacts import (
 from manyways.backends.protocol import GenerationBackend
 from manyways.composition import label_traces, summarize_labels
 from manyways.config import Config
-from manyways.diversity import vendi_by_group, vendi_of_texts
+from manyways.diversity import kernel_label, vendi_by_group, vendi_of_texts
+from manyways.metrics import bootstrap_ci
 from manyways.heuristics import load_taxonomy
 
 log = logging.getLogger(__name__)
@@ -84,26 +85,40 @@ def mid_training_traces(select_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def vendi_section(traces: list[dict[str, Any]], kernels: list[str]) -> dict[str, Any]:
-    """Vendi scores per kernel: overall, mean per problem (>= 2 traces), per heuristic."""
+def vendi_section(
+    traces: list[dict[str, Any]], kernels: list[str], ngram_dim: int | None, seed: int = 0
+) -> dict[str, Any]:
+    """Vendi per kernel (named): the whole set, per question (mean and 95% CI), per heuristic.
+
+    The whole set and the per-heuristic groups use hashed n-grams (``ngram_dim`` features) so the
+    eigenproblem stays d x d; per question (a handful of traces) uses the exact n-gram vocabulary.
+    """
     texts = [t["trace"] for t in traces]
     out: dict[str, Any] = {"traces": len(texts), "kernels": {}}
     if not texts:
         out["note"] = "no mid-training traces"
         return out
+    problems = [t["problem_id"] for t in traces]
     for kernel in kernels:
-        by_problem = defaultdict(list)
-        for t in traces:
-            by_problem[t["problem_id"]].append(t["trace"])
-        multi = [ts for ts in by_problem.values() if len(ts) >= 2]
-        per_problem = [vendi_of_texts(ts, kernel) for ts in multi]  # type: ignore[arg-type]
-        per_heuristic = vendi_by_group(texts, [t["heuristic"] for t in traces], kernel)  # type: ignore[arg-type]
+        k: Any = kernel
+        per_q = vendi_by_group(texts, problems, k, ngram_dim=None, min_size=2)
+        values = list(per_q.values())
+        ci = bootstrap_ci(values, seed=seed) if values else None
         out["kernels"][kernel] = {
             "kernel": kernel,
-            "overall": vendi_of_texts(texts, kernel),  # type: ignore[arg-type]
-            "per_problem_mean": sum(per_problem) / len(per_problem) if per_problem else None,
-            "problems_with_2plus": len(per_problem),
-            "per_heuristic": {str(k): v for k, v in per_heuristic.items()},
+            "kernel_label": kernel_label(k, ngram_dim),
+            "per_question_kernel_label": kernel_label(k, None),
+            "overall": vendi_of_texts(texts, k, ngram_dim=ngram_dim),
+            "per_problem_mean": sum(values) / len(values) if values else None,
+            "per_problem_ci": list(ci) if ci else None,
+            "per_problem_max_traces": max(Counter(problems).values()),
+            "problems_with_2plus": len(values),
+            "per_heuristic": {
+                str(h): v
+                for h, v in vendi_by_group(
+                    texts, [t["heuristic"] for t in traces], k, ngram_dim=ngram_dim
+                ).items()
+            },
         }
     return out
 
@@ -249,7 +264,7 @@ def run(
     select_dir, eval_dir = inputs.get("select"), inputs.get("evaluate")
     traces = mid_training_traces(select_dir) if select_dir else []
     analysis: dict[str, Any] = {
-        "vendi": vendi_section(traces, list(cfg.analyze.kernels)),
+        "vendi": vendi_section(traces, list(cfg.analyze.kernels), cfg.analyze.ngram_dim, cfg.run.seed),
         "yield": yield_section(select_dir),
         "trace_samples": trace_samples(traces, cfg.analyze.trace_samples, cfg.run.seed),
         "mid_training_rows": len(traces),
