@@ -42,8 +42,8 @@ from manyways.backends.protocol import GenerationBackend
 from manyways.composition import label_traces, summarize_labels
 from manyways.config import Config
 from manyways.diversity import kernel_label, vendi_by_group, vendi_of_texts
-from manyways.metrics import bootstrap_ci
 from manyways.heuristics import load_taxonomy
+from manyways.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
