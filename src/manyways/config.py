@@ -239,12 +239,23 @@ class EvaluateSection(Section):
 class AnalyzeSection(Section):
     kernels: list[Literal["ngram", "embedding"]] = Field(default_factory=lambda: ["ngram"])
     ngram_dim: int | None = Field(
-        4096, ge=1, description="Hashed n-gram features for whole-set Vendi (d x d eigenproblem); None = exact."
+        4096,
+        ge=1,
+        description="Hashed n-gram features for whole-set Vendi (d x d eigenproblem); None = exact.",
     )
     judge_backend: BackendConfig = Field(default_factory=BackendConfig)
     judge_model: str | None = Field(None, description="Composition judge; None = the base model.")
     max_traces: int = Field(32, ge=0, description="Traces per model labelled by the composition judge.")
-    judge_max_new_tokens: int = Field(64, ge=1, description="Token budget of one judge answer.")
+    judge_max_new_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one judge answer; None = the schema's longest answer."
+    )
+    judge_constrain: bool = Field(True, description="Constrain judge answers to the label JSON schema.")
+    judge_context_tokens: int | None = Field(
+        None, ge=1, description="Judge context; longer traces are counted too_long. None = the model's."
+    )
+    benchmarks: list[str] | None = Field(
+        None, description="Evaluation benchmarks whose traces the judge labels; None = every math one."
+    )
     judge_temperature: float = Field(0.0, ge=0, description="Judge sampling temperature; 0 = greedy.")
     top_combinations: int = Field(10, ge=1, description="Most frequent heuristic combinations reported.")
     trace_samples: int = Field(3, ge=0, description="Mid-training traces per heuristic shown in the report.")

@@ -61,6 +61,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     stopped_by_string: bool = False
+    matcher: Any = None  # grammar matcher when the request has a json_schema
 
 
 @dataclass
@@ -210,6 +211,8 @@ class HFBackend:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(int(seed) % 2**63)
                 rows.append(_Row(unit.request, generator, len(unit.tokens)))
+                if unit.request.json_schema is not None:
+                    rows[-1].matcher = self._constraint().matcher(unit.request.json_schema)
                 unit_of_row.append(k)
                 self.stats.prompt_tokens_submitted += len(unit.tokens)
         index = torch.tensor(unit_of_row, device=self.device)
@@ -275,6 +278,8 @@ class HFBackend:
         active = list(range(len(rows)))
         while active:
             chosen = [rows[r] for r in active]
+            if any(r.matcher is not None for r in chosen):
+                self._constraint().mask_(logits, [r.matcher for r in chosen])
             tokens = select_tokens(
                 logits,
                 [r.request.temperature for r in chosen],
@@ -306,6 +311,8 @@ class HFBackend:
         """Append ``token`` to ``row``; True when the row is finished."""
         row.tokens.append(token)
         request = row.request
+        if row.matcher is not None:
+            self._constraint().advance(row.matcher, token)
         if token in self.eos_ids:
             row.finish = "stop"
         elif request.stop and self._tail_has_stop(row.tokens, request.stop):
@@ -326,6 +333,12 @@ class HFBackend:
             text, _ = truncate_at_stop(text, row.request.stop)
         finish = "decode_error" if "\ufffd" in text else (row.finish or "length")
         return GenSample(text, finish, row.prompt_tokens, len(row.tokens))
+
+    def _constraint(self) -> Any:
+        """Token masks for requests with a ``json_schema`` (llguidance; built on first use)."""
+        from manyways.backends.constrained import constraint_for
+
+        return constraint_for(self.tokenizer, self.eos_ids, int(self.model.config.vocab_size))
 
     # ------------------------------------------------------------- judge helpers
     def _next_logits(self, messages_list: Sequence[list[dict[str, str]]]) -> torch.Tensor:

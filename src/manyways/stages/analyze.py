@@ -208,6 +208,8 @@ def composition_section(cfg: Config, eval_dir: Path, judge: GenerationBackend) -
             questions=[r["question"] for r in rows],
             seed=cfg.run.seed,
             max_new_tokens=a.judge_max_new_tokens,
+            constrain=a.judge_constrain,
+            context_tokens=a.judge_context_tokens,
             temperature=a.judge_temperature,
         )
         per_model[model] = summarize_labels(labels, top=a.top_combinations)
