@@ -143,3 +143,13 @@ def test_next_token_probs_from_logprobs(backend: VLLMBackend, engine: StandInEng
     _, params = engine.calls[-1]
     assert params == {"n": 1, "temperature": 0.0, "max_tokens": 1, "logprobs": 20}
     assert probs["A"] == pytest.approx(0.75) and probs["B"] == pytest.approx(0.25) and probs["C"] == 0.0
+
+
+def test_a_json_schema_becomes_vllm_structured_outputs(engine: StandInEngine) -> None:
+    backend = VLLMBackend(
+        engine, "m", sampling_params=lambda **kw: kw, structured_outputs=lambda **kw: ("structured", kw)
+    )
+    schema = {"type": "array", "items": {"type": "string", "enum": ["a"]}}
+    with_schema = backend._params(_req("a", (1,), json_schema=schema), 1)
+    assert with_schema["structured_outputs"] == ("structured", {"json": schema})
+    assert "structured_outputs" not in backend._params(_req("b", (1,)), 1)
