@@ -106,3 +106,45 @@ def test_fake_backend_answers_fail_to_parse_and_are_not_empty_labels() -> None:
 
 def test_summary_of_nothing() -> None:
     assert summarize_labels([])["parse_failure_rate"] is None
+
+
+def test_new_combinations_on_hand_made_labels() -> None:
+    from manyways.composition import ParsedLabels, new_combinations
+
+    mid = [
+        ParsedLabels(("decompose", "restate")),
+        ParsedLabels(("bolzano_bracketing",)),
+        ParsedLabels(None, "x"),
+    ]
+    after = [
+        ParsedLabels(("bolzano_bracketing", "decompose")),  # never together before: new
+        ParsedLabels(("decompose", "restate")),  # seen together: not new
+        ParsedLabels(("carry_out", "decompose", "restate")),  # 3 new pairs/triples, not (decompose, restate)
+        ParsedLabels(("bolzano_bracketing", "decompose")),
+        ParsedLabels(("decompose",)),
+    ]
+    got = {c["combination"]: c["count"] for c in new_combinations(after, mid, top=20)}
+    assert got == {
+        "bolzano_bracketing + decompose": 2,
+        "carry_out + decompose": 1,
+        "carry_out + restate": 1,
+        "carry_out + decompose + restate": 1,
+    }
+    assert new_combinations(after, after) == []
+
+
+def test_judge_validity_and_share_ci() -> None:
+    from manyways.composition import ParsedLabels, judge_validity, multi_share_ci
+
+    labels = [
+        ParsedLabels(("decompose",)),
+        ParsedLabels(("restate", "carry_out")),
+        ParsedLabels(None, "empty"),
+    ]
+    v = judge_validity(labels, [["decompose"], ["working_backwards"], ["decompose"]])
+    assert v["recall"] == pytest.approx(1 / 3) and v["low_recall"] is True
+    assert v["multi_label_share"] == pytest.approx(0.5) and v["parsed"] == 2
+    assert judge_validity(labels[:1], [["decompose"]])["low_recall"] is False
+    low, high = multi_share_ci(labels)
+    assert 0.0 <= low <= 0.5 <= high <= 1.0
+    assert multi_share_ci([ParsedLabels(None, "x")]) is None
