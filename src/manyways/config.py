@@ -257,6 +257,16 @@ class AnalyzeSection(Section):
         None, description="Evaluation benchmarks whose traces the judge labels; None = every math one."
     )
     judge_temperature: float = Field(0.0, ge=0, description="Judge sampling temperature; 0 = greedy.")
+    judge_shard_size: int = Field(64, ge=1, description="Traces per judge shard (the unit of Ray tasks).")
+    catalogue_taxonomy_map: str | None = Field(
+        "configs/heuristics/catalogue_taxonomy_v1.yaml",
+        description="Which taxonomy ids count as recognising each generation heuristic (judge validity).",
+    )
+    modes: bool = Field(True, description="Measure mode coverage of each evaluated model.")
+    executor: Literal["local", "ray"] = Field("local", description="Where the judge runs.")
+    workers: int = Field(1, ge=1, description="ray: judge actors, each loading the judge once.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster; None starts a local one.")
+    ray_num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster started on demand.")
     top_combinations: int = Field(10, ge=1, description="Most frequent heuristic combinations reported.")
     trace_samples: int = Field(3, ge=0, description="Mid-training traces per heuristic shown in the report.")
 
