@@ -188,15 +188,17 @@ def ngram_features(
     rows: list[int] = []
     cols: list[int] = []
     data: list[float] = []
+    lookup = vocab.get
     for row, text in enumerate(texts):
-        for gram, count in _ngrams(text, orders).items():
-            col = vocab.get(gram)
+        counts = _ngrams(text, orders)
+        for gram in counts:
+            col = lookup(gram)
             if col is None:
                 col = len(vocab) if dim is None else zlib.crc32("\x1f".join(gram).encode()) % dim
                 vocab[gram] = col
-            rows.append(row)
             cols.append(col)
-            data.append(float(count))
+        rows.extend([row] * len(counts))
+        data.extend(map(float, counts.values()))
     width = dim if dim is not None else max(len(vocab), 1)
     X = sparse.csr_matrix((data, (rows, cols)), shape=(len(texts), width), dtype=np.float64)
     X.sum_duplicates()
