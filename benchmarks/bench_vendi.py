@@ -46,12 +46,14 @@ def measure(label: str, fn) -> dict:  # type: ignore[no-untyped-def]
     seconds = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {
+    row = {
         "what": label,
         "vendi": value,
         "seconds": round(seconds, 2),
         "peak_traced_mib": round(peak / 2**20, 1),
     }
+    print(json.dumps(row), file=sys.stderr, flush=True)  # partial results survive a timeout
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
