@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import pytest
 
 from manyways.backends.fake import FakeBackend
 from manyways.backends.protocol import BackendStats, GenSample
-from manyways.composition import judge_messages, label_traces, parse_labels, summarize_labels
+from manyways.composition import (
+    judge_messages,
+    judge_schema,
+    judge_token_budget,
+    label_traces,
+    parse_labels,
+    summarize_labels,
+)
 from manyways.heuristics import load_taxonomy
 
 KNOWN = ["decompose", "carry_out", "check_result", "working_backwards"]
@@ -148,3 +156,30 @@ def test_judge_validity_and_share_ci() -> None:
     low, high = multi_share_ci(labels)
     assert 0.0 <= low <= 0.5 <= high <= 1.0
     assert multi_share_ci([ParsedLabels(None, "x")]) is None
+
+
+def test_long_traces_are_counted_too_long_not_cut() -> None:
+    tax = load_taxonomy()
+    judge = ScriptedJudge(['["decompose"]'])
+    sent: list = []
+    real = judge.generate
+    judge.generate = lambda requests, progress=None: (sent.extend(requests), real(requests))[1]  # type: ignore[method-assign]
+    long_trace = "step " * 5000  # 25,000 characters: the old 4,000-character cut would have hidden it
+    labels = label_traces(judge, tax, ["short", long_trace, "also short"], context_tokens=4000)
+    assert [lab.error for lab in labels] == [None, "too_long", None]
+    assert len(sent) == 2 and all(r.json_schema is not None for r in sent)
+    assert all(r.max_new_tokens == judge_token_budget(judge_schema(tax.ids)) for r in sent)
+    whole = label_traces(judge, tax, [long_trace], context_tokens=None)
+    assert whole[0].ok and long_trace.strip() in sent[-1].messages[-1]["content"]  # sent whole
+    label_traces(judge, tax, ["t"], constrain=False)
+    assert sent[-1].json_schema is None
+
+
+def test_menu_comes_before_the_trace_so_prompts_share_a_prefix() -> None:
+    tax = load_taxonomy()
+    a = judge_messages(tax, "trace one", "q1")[-1]["content"]
+    b = judge_messages(tax, "another trace", "q2")[-1]["content"]
+    shared = len(os.path.commonprefix([a, b]))
+    prefix = a[:shared]
+    assert all(f"- {e.id}:" in prefix for e in tax.entries) and "JSON list" in prefix  # menu + instruction
+    assert prefix.index("JSON list") < prefix.index("Problem:")
