@@ -278,3 +278,27 @@ def test_judge_on_ray_matches_local(tmp_path: Path, stages: dict[str, Path]) -> 
     )
     for key in ("composition", "judge_validity", "modes"):
         assert ray[key] == local[key]
+
+
+def test_modes_of_a_run_without_mid_training_use_the_exemplars(
+    tmp_path: Path, stages: dict[str, Path]
+) -> None:
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=run", "analyze.max_traces=5"])
+    out = tmp_path / "run" / "analyze"
+    analyze.run(
+        cfg,
+        out,
+        inputs={"evaluate": stages["evaluate"]},
+        show_progress=False,
+        judge=JsonJudge(),
+        overwrite=True,
+    )
+    modes = json.loads((out / "analysis.json").read_text())["modes"]
+    assert "exemplars" in modes["method"]
+    assert set(modes["heuristics"]) == {
+        "plan_and_carry_out",
+        "work_backward",
+        "decompose",
+        "auxiliary_unknown",
+    }
+    assert set(modes["per_model"]) == {"base", "m2"}

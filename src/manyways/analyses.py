@@ -12,7 +12,8 @@
   heuristic we know (mapped to taxonomy ids by ``analyze.catalogue_taxonomy_map``); recall of the
   known heuristic and the share labelled with >= 2 heuristics.
 - Mode coverage (:func:`modes_section`): every math sample of each model is assigned to a
-  generation heuristic by nearest centroid of the mid-training traces (primary), and the
+  generation heuristic by nearest centroid of the mid-training traces (primary; the catalogue's
+  exemplars when there are none, e.g. for the base model), and the
   composed-sampled ones also by the judge with the generation heuristics as its menu; per model
   the effective number of modes per question and the agreement of the two assignments.
 """
@@ -160,8 +161,7 @@ def run_judged(
     for model, rows in per_model.items():
         texts, qs = [r["completion"] for r in rows], [r["question"] for r in rows]
         jobs.append(JudgeJob(f"model:{model}", taxonomy, texts, qs))
-    modes_on = a.modes and any(t["heuristic"] != "(plain)" for t in mid_traces)
-    menu = generation_menu(cfg) if modes_on else None
+    menu = generation_menu(cfg) if a.modes else None
     if menu is not None:
         for model, rows in per_model.items():
             texts, qs = [r["completion"] for r in rows], [r["question"] for r in rows]
@@ -190,7 +190,7 @@ def run_judged(
     if menu is not None:
         out["modes"] = modes_section(cfg, eval_dir, mid_traces, per_model, labels)
     else:
-        out["modes"] = {"per_model": {}, "note": "no heuristic mid-training traces (or analyze.modes off)"}
+        out["modes"] = {"per_model": {}, "note": "analyze.modes is off"}
     return out
 
 
@@ -204,6 +204,13 @@ def modes_section(
     """Mode coverage per model (nearest centroid on every math sample) and judge agreement."""
     ref = [t for t in mid_traces if t["heuristic"] != "(plain)"]
     ref_texts, ref_modes = [t["trace"] for t in ref], [t["heuristic"] for t in ref]
+    method = "nearest centroid of the mid-training traces (hashed n-grams, cosine)"
+    if not ref:  # the base model (or a plain arm): the catalogue's exemplars stand for each heuristic
+        catalogue = load_catalogue(cfg.heuristics.catalogue)
+        chosen = catalogue.select(cfg.heuristics.n)
+        ref_texts = [ex.solution for h in chosen for ex in h.exemplars]
+        ref_modes = [h.id for h in chosen for ex in h.exemplars]
+        method = "nearest centroid of the catalogue's exemplars (no heuristic mid-training traces; hashed n-grams, cosine)"
     dim = cfg.analyze.ngram_dim or 4096
     every, _ = eval_traces(eval_dir, None, cfg.run.seed, cfg.analyze.benchmarks)
     per_model, agree = {}, {}
@@ -222,7 +229,7 @@ def modes_section(
         judge = [lab.ids[0] if lab.ids else None for lab in labels.get(f"modes:{model}", [])]
         agree[model] = agreement(centroid, judge) if judge else {"compared": 0, "agreement": None}
     return {
-        "method": "nearest centroid of the mid-training traces (hashed n-grams, cosine)",
+        "method": method,
         "heuristics": sorted(set(ref_modes)),
         "per_model": per_model,
         "judge_agreement": agree,
