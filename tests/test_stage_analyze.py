@@ -263,11 +263,11 @@ def _judge_from_config(tmp_path: Path, stages: dict[str, Path], *extra: str) -> 
 
 
 def test_judge_runs_through_the_executor_from_config(tmp_path: Path, stages: dict[str, Path]) -> None:
-    a = _judge_from_config(tmp_path, stages)
+    a = _judge_from_config(tmp_path, stages, "analyze.validity_per_heuristic=1")
     comp = a["composition"]
     assert comp["judge_model"] == "smollm2-135m-instruct"  # the configured base model
     assert all(s["traces"] == 5 for s in comp["per_model"].values())  # shards of 2 reassembled
-    assert a["judge_validity"]["exemplars"] > 0
+    assert a["judge_validity"]["exemplars"] == 16  # one exemplar of each polya_v1 heuristic
 
 
 @pytest.mark.slow
@@ -302,3 +302,17 @@ def test_modes_of_a_run_without_mid_training_use_the_exemplars(
         "auxiliary_unknown",
     }
     assert set(modes["per_model"]) == {"base", "m2"}
+
+
+def test_catalogue_taxonomy_map_names_only_taxonomy_ids(tmp_path: Path) -> None:
+    from manyways.analyses import known_taxonomy_ids
+    from manyways.heuristics import load_catalogue, load_taxonomy
+
+    cfg = load_config(None, [])
+    taxonomy = load_taxonomy()
+    mapping = known_taxonomy_ids(cfg, taxonomy)
+    assert all(h.id in mapping or h.id in taxonomy.ids for h in load_catalogue().heuristics)
+    bad = tmp_path / "map.yaml"
+    bad.write_text("map: {decompose: [no_such_id]}\n")
+    with pytest.raises(ValueError, match="no_such_id"):
+        known_taxonomy_ids(load_config(None, [f"analyze.catalogue_taxonomy_map={bad}"]), taxonomy)

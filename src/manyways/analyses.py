@@ -148,8 +148,12 @@ def run_judged(
     mid = ranked[: a.max_traces]
     catalogue = load_catalogue(cfg.heuristics.catalogue)
     mapping = known_taxonomy_ids(cfg, taxonomy)
+    per = a.validity_per_heuristic
     exemplars = [
-        (h, ex) for h in catalogue.heuristics for ex in h.exemplars if h.id in mapping or h.id in taxonomy.ids
+        (h, ex)
+        for h in catalogue.heuristics
+        for ex in h.exemplars[:per]
+        if h.id in mapping or h.id in taxonomy.ids
     ]
     skipped = [h.id for h in catalogue.heuristics if h.id not in mapping and h.id not in taxonomy.ids]
     jobs = [

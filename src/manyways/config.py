@@ -262,6 +262,9 @@ class AnalyzeSection(Section):
         "configs/heuristics/catalogue_taxonomy_v1.yaml",
         description="Which taxonomy ids count as recognising each generation heuristic (judge validity).",
     )
+    validity_per_heuristic: int | None = Field(
+        None, ge=1, description="Catalogue exemplars per heuristic the judge labels for validity; None = all."
+    )
     modes: bool = Field(True, description="Measure mode coverage of each evaluated model.")
     executor: Literal["local", "ray"] = Field("local", description="Where the judge runs.")
     workers: int = Field(1, ge=1, description="ray: judge actors, each loading the judge once.")
