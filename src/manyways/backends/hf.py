@@ -17,6 +17,9 @@ the cache) and, while :meth:`HFBackend.generate` runs, the model's attention swi
 the model's own attention setting is restored afterwards. ``kv_dtype`` (default: the model's
 dtype) is the dtype the cache is stored and attention computed in.
 
+A request with ``json_schema`` is decoded under grammar token masks (llguidance,
+:mod:`manyways.backends.constrained`): its answer is a valid instance of the schema.
+
 CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto picks bf16 only where the CPU has it.
 """
 
