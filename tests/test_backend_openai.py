@@ -141,3 +141,54 @@ def test_client_over_served_hf_equals_hf(tiny_model_dir: Path) -> None:
         got = _client(url, concurrency=3).generate(requests)
     assert [[s.text for s in r] for r in got] == [[s.text for s in r] for r in direct]
     assert [[s.prompt_tokens for s in r] for r in got] == [[s.prompt_tokens for s in r] for r in direct]
+
+
+def test_the_schema_travels_as_response_format_and_serve_reads_it() -> None:
+    from manyways.composition import judge_schema
+    from manyways.serve import BadRequest, request_from_body
+
+    schema = judge_schema(["decompose", "carry_out"])
+    client = _client("http://127.0.0.1:9/v1")
+    payload = client._payload(
+        GenRequest("r", [{"role": "user", "content": "q"}], (1,), json_schema=schema), 1
+    )
+    assert payload["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema},
+    }
+    assert "response_format" not in client._payload(
+        GenRequest("r", [{"role": "user", "content": "q"}], (1,)), 1
+    )
+    served = request_from_body({"messages": [{"role": "user", "content": "q"}], **payload})
+    assert served.json_schema == schema
+    assert request_from_body({"messages": [{"role": "user", "content": "q"}]}).json_schema is None
+    with pytest.raises(BadRequest, match="response_format"):
+        request_from_body(
+            {"messages": [{"role": "user", "content": "q"}], "response_format": {"type": "json_object"}}
+        )
+
+
+@pytest.mark.slow
+def test_served_hf_answers_in_the_schema(tiny_model_dir: Path) -> None:
+    from manyways.composition import judge_schema, parse_labels
+
+    torch.set_num_threads(1)
+    served = make_backend(BackendConfig(kind="hf", dtype="float32", threads=1), str(tiny_model_dir))
+    ids = ["decompose", "carry_out", "restate"]
+    try:
+        with serving(served) as url:
+            out = _client(url).generate(
+                [
+                    GenRequest(
+                        "j",
+                        [{"role": "user", "content": "label"}],
+                        (1, 2),
+                        40,
+                        1.0,
+                        json_schema=judge_schema(ids),
+                    )
+                ]
+            )
+    finally:
+        served.close()
+    assert all(parse_labels(s.text, ids).ok for s in out[0]), [s.text for s in out[0]]

@@ -213,3 +213,13 @@ def test_prompts_reach_the_engine_as_one_tokenization_with_one_bos(bos_tokenizer
         bos_tokenizer(backend.render(messages)).input_ids[:2] == [bos_tokenizer.bos_token_id] * 2
     )  # text: 2 BOS
     assert engine.ran_on == [expected, expected]
+
+
+def test_a_json_schema_becomes_vllm_structured_outputs(engine: StandInEngine) -> None:
+    backend = VLLMBackend(
+        engine, "m", sampling_params=lambda **kw: kw, structured_outputs=lambda **kw: ("structured", kw)
+    )
+    schema = {"type": "array", "items": {"type": "string", "enum": ["a"]}}
+    with_schema = backend._params(_req("a", (1,), json_schema=schema), 1)
+    assert with_schema["structured_outputs"] == ("structured", {"json": schema})
+    assert "structured_outputs" not in backend._params(_req("b", (1,)), 1)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from manyways.backends.fake import FakeBackend
 from manyways.backends.protocol import BackendStats, GenSample
-from manyways.composition import judge_messages, label_traces, parse_labels, summarize_labels
+from manyways.composition import (
+    judge_messages,
+    judge_schema,
+    judge_token_budget,
+    label_traces,
+    parse_labels,
+    summarize_labels,
+)
 from manyways.heuristics import load_taxonomy
 
 KNOWN = ["decompose", "carry_out", "check_result", "working_backwards"]
@@ -106,3 +115,72 @@ def test_fake_backend_answers_fail_to_parse_and_are_not_empty_labels() -> None:
 
 def test_summary_of_nothing() -> None:
     assert summarize_labels([])["parse_failure_rate"] is None
+
+
+def test_new_combinations_on_hand_made_labels() -> None:
+    from manyways.composition import ParsedLabels, new_combinations
+
+    mid = [
+        ParsedLabels(("decompose", "restate")),
+        ParsedLabels(("bolzano_bracketing",)),
+        ParsedLabels(None, "x"),
+    ]
+    after = [
+        ParsedLabels(("bolzano_bracketing", "decompose")),  # never together before: new
+        ParsedLabels(("decompose", "restate")),  # seen together: not new
+        ParsedLabels(("carry_out", "decompose", "restate")),  # 3 new pairs/triples, not (decompose, restate)
+        ParsedLabels(("bolzano_bracketing", "decompose")),
+        ParsedLabels(("decompose",)),
+    ]
+    got = {c["combination"]: c["count"] for c in new_combinations(after, mid, top=20)}
+    assert got == {
+        "bolzano_bracketing + decompose": 2,
+        "carry_out + decompose": 1,
+        "carry_out + restate": 1,
+        "carry_out + decompose + restate": 1,
+    }
+    assert new_combinations(after, after) == []
+
+
+def test_judge_validity_and_share_ci() -> None:
+    from manyways.composition import ParsedLabels, judge_validity, multi_share_ci
+
+    labels = [
+        ParsedLabels(("decompose",)),
+        ParsedLabels(("restate", "carry_out")),
+        ParsedLabels(None, "empty"),
+    ]
+    v = judge_validity(labels, [["decompose"], ["working_backwards"], ["decompose"]])
+    assert v["recall"] == pytest.approx(1 / 3) and v["low_recall"] is True
+    assert v["multi_label_share"] == pytest.approx(0.5) and v["parsed"] == 2
+    assert judge_validity(labels[:1], [["decompose"]])["low_recall"] is False
+    low, high = multi_share_ci(labels)
+    assert 0.0 <= low <= 0.5 <= high <= 1.0
+    assert multi_share_ci([ParsedLabels(None, "x")]) is None
+
+
+def test_long_traces_are_counted_too_long_not_cut() -> None:
+    tax = load_taxonomy()
+    judge = ScriptedJudge(['["decompose"]'])
+    sent: list = []
+    real = judge.generate
+    judge.generate = lambda requests, progress=None: (sent.extend(requests), real(requests))[1]  # type: ignore[method-assign]
+    long_trace = "step " * 5000  # 25,000 characters: the old 4,000-character cut would have hidden it
+    labels = label_traces(judge, tax, ["short", long_trace, "also short"], context_tokens=4000)
+    assert [lab.error for lab in labels] == [None, "too_long", None]
+    assert len(sent) == 2 and all(r.json_schema is not None for r in sent)
+    assert all(r.max_new_tokens == judge_token_budget(judge_schema(tax.ids)) for r in sent)
+    whole = label_traces(judge, tax, [long_trace], context_tokens=None)
+    assert whole[0].ok and long_trace.strip() in sent[-1].messages[-1]["content"]  # sent whole
+    label_traces(judge, tax, ["t"], constrain=False)
+    assert sent[-1].json_schema is None
+
+
+def test_menu_comes_before_the_trace_so_prompts_share_a_prefix() -> None:
+    tax = load_taxonomy()
+    a = judge_messages(tax, "trace one", "q1")[-1]["content"]
+    b = judge_messages(tax, "another trace", "q2")[-1]["content"]
+    shared = len(os.path.commonprefix([a, b]))
+    prefix = a[:shared]
+    assert all(f"- {e.id}:" in prefix for e in tax.entries) and "JSON list" in prefix  # menu + instruction
+    assert prefix.index("JSON list") < prefix.index("Problem:")

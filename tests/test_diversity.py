@@ -125,3 +125,62 @@ def test_embedding_kernel_matches_sentence_transformers() -> None:
     assert by_group["cat"] == pytest.approx(vendi_score(K[:2, :2]), rel=1e-6)
     assert vendi_of_texts(SENTENCES, kernel="embedding") == pytest.approx(vendi_score(K), rel=1e-6)
     assert diversity.embed_texts(SENTENCES[:1]).shape == (1, 384)
+
+
+def _random_texts(count: int, seed: int, words: int = 12) -> list[str]:
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(20)]
+    return [" ".join(rng.choice(vocab, size=int(rng.integers(1, words)))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dim", [None, 8, 64])
+def test_covariance_route_equals_dense_vendi(dim: int | None) -> None:
+    texts = _random_texts(60, seed=dim or 1) + ["", "  "]  # empty texts: similar only to themselves
+    X = diversity.ngram_features(texts, dim=dim)
+    dense = vendi_score(diversity._cosine_from_rows(X))
+    gram = diversity.vendi_of_features(X, route="gram")
+    cov = diversity.vendi_of_features(X, route="covariance", chunk_rows=7)  # several chunks
+    assert gram == pytest.approx(dense, rel=1e-9)
+    assert cov == pytest.approx(dense, rel=1e-9)
+    if dim is None:
+        assert vendi_of_texts(texts) == pytest.approx(vendi_score(ngram_cosine_kernel(texts)), rel=1e-9)
+    # dense (embedding-like) rows too
+    rng = np.random.default_rng(3)
+    E = rng.normal(size=(40, 5))
+    assert diversity.vendi_of_features(E, route="covariance") == pytest.approx(
+        vendi_score(diversity._cosine_from_rows(E)), rel=1e-9
+    )
+    assert diversity.vendi_of_features(E) <= 5.0 + 1e-9  # rank-bounded by the feature dimension
+
+
+def test_vendi_of_features_bounds_the_eigenproblem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(diversity, "MAX_EIG_DIM", 10)
+    X = diversity.ngram_features(_random_texts(30, seed=2), dim=None)
+    with pytest.raises(ValueError, match="ngram_dim"):
+        diversity.vendi_of_features(X)  # 30 texts x ~200 grams: min side 30 > 10
+    assert diversity.vendi_of_features(diversity.ngram_features(_random_texts(30, 2), dim=8)) > 1.0
+
+
+def test_hashed_ngram_features_are_stable_and_bounded() -> None:
+    X = diversity.ngram_features(["a b c", "a b c", "x y"], dim=16)
+    assert X.shape == (3, 16)
+    np.testing.assert_allclose(X[0].toarray(), X[1].toarray())
+    assert diversity.kernel_label("ngram", 16).endswith("hashed to 16")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        diversity.kernel_label("tfidf")  # type: ignore[arg-type]
+
+
+def test_vendi_by_group_min_size_and_hashed() -> None:
+    texts = ["one two", "three four", "lonely", "five six", "five six"]
+    groups = ["a", "a", "b", "c", "c"]
+    scores = vendi_by_group(texts, groups, ngram_dim=1024, min_size=2)
+    assert list(scores) == ["a", "c"]
+    assert scores["c"] == pytest.approx(1.0)
+    assert scores["a"] == pytest.approx(2.0, abs=0.05)  # unless the hash collides
+
+
+def test_streamed_hashed_vendi_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(diversity, "STREAM_CHUNK", 9)  # several chunks of texts
+    texts = _random_texts(50, seed=5) + [""]
+    dense = vendi_score(diversity._cosine_from_rows(diversity.ngram_features(texts, dim=16)))
+    assert vendi_of_texts(texts, ngram_dim=16) == pytest.approx(dense, rel=1e-9)  # 51 > 16: streamed

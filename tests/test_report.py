@@ -97,14 +97,48 @@ def fake_analysis() -> dict:
                     "kernel": "ngram",
                     "overall": 3.25,
                     "per_problem_mean": 1.5,
+                    "per_problem_ci": [1.25, 1.75],
+                    "per_problem_max_traces": 2,
+                    "kernel_label": "ngram(1,2 word-grams, cosine)/hashed to 4096",
+                    "per_question_kernel_label": "ngram(1,2 word-grams, cosine)",
                     "problems_with_2plus": 4,
                     "per_heuristic": {"decompose": 2.0, "work_backward": 1.7},
                 }
             },
         },
         "yield": {"per_heuristic": {"decompose": 0.75, "work_backward": 0.25}},
+        "judge_validity": {
+            "exemplars": 32,
+            "parsed": 32,
+            "recall": 0.125,
+            "multi_label_share": 0.5,
+            "low_recall": True,
+        },
+        "modes": {
+            "method": "nearest centroid",
+            "per_model": {
+                "base": {
+                    "samples": 8,
+                    "unassigned": 1,
+                    "questions": 4,
+                    "effective_modes_mean": 1.6875,
+                    "effective_modes_ci": [1.25, 2.0],
+                    "per_mode": {"decompose": {"samples": 5, "share": 0.7142857, "correct_share": 0.6}},
+                }
+            },
+            "judge_agreement": {"base": {"compared": 4, "agreement": 0.75}},
+        },
         "composition": {
             "judge_model": "j",
+            "mid_training": {
+                "traces": 4,
+                "parsed": 4,
+                "parse_failures": 0,
+                "parse_failure_rate": 0.0,
+                "failure_reasons": {},
+                "multi_heuristic_share": 0.25,
+                "top_combinations": [],
+            },
             "per_model": {
                 "base": {
                     "traces": 4,
@@ -115,6 +149,8 @@ def fake_analysis() -> dict:
                     "multi_heuristic_share": 1.0,
                     "mean_heuristics": 2.0,
                     "top_combinations": [{"combination": "carry_out + decompose", "count": 1}],
+                    "multi_heuristic_share_ci": [0.5, 1.0],
+                    "new_combinations": [{"combination": "bolzano_bracketing + decompose", "count": 1}],
                     "failure_examples": ["I think <b>decompose</b>"],
                     "top_heuristics": [],
                 }
@@ -195,7 +231,20 @@ def test_sections_show_yield_vendi_composition_and_sizes(tmp_path: Path) -> None
         "bootstrap intervals over problems",
     ):
         assert needle in page
-    assert page.count("<svg") >= 2 + 1 + 1  # two pass@k figures, yield, Vendi per heuristic
+    assert page.count("<svg") >= 2 + 1 + 3  # two pass@k figures, yield, Vendi, composition, modes
+    for needle in (
+        'id="judge-validity"',
+        'id="modes"',
+        'id="modes-figure"',
+        "1.69",  # effective modes
+        "bolzano_bracketing + decompose",  # a new combination
+        "this run mid-training data",  # the composition reference row
+        "hashed to 4096",  # kernels are named
+        "[1.25, 1.75]",  # the per-question Vendi CI
+        "only 12% of the catalogue",
+        "composition numbers above noise",
+    ):
+        assert needle in page, needle
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:|//)", page)  # self-contained: nothing fetched
 
 
@@ -237,3 +286,31 @@ def test_report_needs_evaluate(tmp_path: Path) -> None:
     cfg = load_config(None, [f"run.root={tmp_path}"])
     with pytest.raises(ValueError, match="evaluate"):
         report.run(cfg, tmp_path / "report", inputs={})
+
+
+def test_pass_at_k_panels_pair_each_arm_with_its_mid_trained_model() -> None:
+    from manyways.report_html import row_families
+
+    rows = ["base", "polya_n4 (mid)", "polya_n4", "vanilla_rl", "star_rl (mid)", "star_rl"]
+    assert row_families(rows) == {
+        "polya_n4": ["base", "polya_n4 (mid)", "polya_n4"],
+        "vanilla_rl": ["base", "vanilla_rl"],
+        "star_rl": ["base", "star_rl (mid)", "star_rl"],
+    }
+    plain = [f"m{i}" for i in range(8)]
+    assert list(row_families(plain).values()) == [plain[:6], plain[6:]]
+
+
+def test_experiment_report_merges_validity_modes_and_references(tmp_path: Path) -> None:
+    from manyways.experiment_report import _merge_analysis
+
+    data = ReportData(title="t", results={})
+    analysis = fake_analysis()
+    analysis["modes"]["per_model"]["midtrain"] = analysis["modes"]["per_model"]["base"]
+    _merge_analysis(data, analysis, "polya_n4")
+    assert data.judge_validity == {"polya_n4": analysis["judge_validity"]}
+    assert set(data.modes["per_model"]) == {"polya_n4", "polya_n4 (mid)"}
+    assert data.composition["mid_training"] == {"polya_n4": analysis["composition"]["mid_training"]}
+    assert "polya_n4 / ngram" in data.vendi["kernels"]
+    page = render_html(data)
+    assert "polya_n4 mid-training data" in page and page.count('id="modes-figure"') == 1

@@ -92,3 +92,24 @@ def test_report_renders_cleanly_in_chromium(chromium: str, tmp_path: Path) -> No
     gray = pixels[..., :3].mean(axis=2)
     assert gray.std() > 0.05  # text, tables and figures, not a blank page
     assert (gray < 0.5).mean() > 0.005  # some dark ink (text) is drawn
+
+
+def test_analysis_sections_render_in_chromium(chromium: str, tmp_path: Path) -> None:
+    run_dir, _ = make_run(tmp_path)
+    page = report.render(run_dir)
+    dom = browse(chromium, page, tmp_path / "profile3", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-js-errors="0"' in dom.stdout
+    for needle in (
+        'id="judge-validity"',
+        'id="modes"',
+        'id="modes-figure"',
+        'id="composition-figure"',
+        'id="vendi-figure"',
+        'data-value="0.125"',
+        'data-value="1.6875"',
+        "low-recall",
+    ):
+        assert needle in dom.stdout, needle
+    # one grouped figure per analysis and one pass@k figure per benchmark, all drawn inline
+    assert dom.stdout.count("<svg") == 2 + 1 + 3

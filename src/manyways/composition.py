@@ -1,11 +1,14 @@
 """Heuristic composition: an LLM judge labels which taxonomy heuristics a trace uses.
 
-The judge sees the 64-heuristic taxonomy (one line per id) and one solution trace, and must
-answer with a JSON list of ids only, e.g. ``["decompose", "carry_out"]``. The parser is strict:
-the answer (whitespace and an optional Markdown code fence around it aside) must be a JSON list
-of 1..8 distinct known ids; anything else is a failed parse with a reason, counted and never
-turned into an empty label set. Small models fail to parse often; the rate is reported, not
-hidden.
+The judge sees the 64-heuristic taxonomy (one line per id, first, so every prompt shares that
+prefix) and one whole solution trace, and answers with a JSON list of ids, e.g.
+``["decompose", "carry_out"]``. Each request carries the answer's JSON schema (``judge_schema``):
+back-ends that constrain decoding (hf through llguidance, vLLM structured outputs, OpenAI-compatible
+``response_format``) can only produce a valid answer; the token budget is the schema's longest
+answer. The parser stays strict for back-ends that cannot constrain: the answer (whitespace and an
+optional Markdown code fence aside) must be a JSON list of 1..8 distinct known ids; anything else
+is a failed parse with a reason, counted and never turned into an empty label set. A trace too
+long for the judge's context is a ``too_long`` failure, not a truncated trace.
 
 ``label_traces(backend, taxonomy, traces)`` runs the judge (greedy by default) and
 ``summarize_labels(labels)`` gives the share of parsed traces combining >= 2 heuristics, the
@@ -14,22 +17,25 @@ parse-failure rate and the most frequent combinations.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from manyways.artifacts import unit_seed
 from manyways.backends.protocol import GenerationBackend, GenRequest
 from manyways.heuristics import Taxonomy
+from manyways.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
 MIN_LABELS = 1
 MAX_LABELS = 8
-MAX_TRACE_CHARS = 4000
+LOW_RECALL = 0.5  # below this the report says composition numbers are noise
 FAILURE_EXAMPLE_CHARS = 200
 _FENCE_RE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -52,23 +58,53 @@ class ParsedLabels:
         return self.ids is not None
 
 
-def judge_messages(taxonomy: Taxonomy, trace: str, question: str | None = None) -> list[dict[str, str]]:
-    """The judge prompt: the taxonomy's ids with one-line descriptions, then the trace."""
+def judge_schema(ids: Sequence[str], max_labels: int = MAX_LABELS) -> dict[str, Any]:
+    """The JSON schema of a judge answer: 1..``max_labels`` distinct ids of the taxonomy."""
+    return {
+        "type": "array",
+        "items": {"type": "string", "enum": list(ids)},
+        "minItems": MIN_LABELS,
+        "maxItems": min(max_labels, len(ids)),
+        "uniqueItems": True,
+    }
+
+
+def judge_token_budget(schema: dict[str, Any]) -> int:
+    """Tokens for the schema's longest valid answer: one per ASCII character (a byte-level BPE
+    token is at least one byte) plus end-of-sequence and one spare."""
+    from manyways.backends.constrained import longest_answer
+
+    return len(longest_answer(schema)) + 2
+
+
+def judge_messages(
+    taxonomy: Taxonomy, trace: str, question: str | None = None, max_labels: int = MAX_LABELS
+) -> list[dict[str, str]]:
+    """The judge prompt. The taxonomy menu and the instruction come first, so every trace's prompt
+    shares one long prefix (prefilled once by back-ends that share prefixes); then the problem and
+    the whole trace (never cut: a trace too long for the judge is counted, see ``label_traces``)."""
     menu = "\n".join(f"- {e.id}: {e.description}" for e in taxonomy.entries)
-    shown = trace.strip()[:MAX_TRACE_CHARS]
-    parts = [f"Heuristics (id: description):\n{menu}\n"]
+    if max_labels == 1:
+        instruction = (
+            "Which one of the heuristics above does the solution below follow? Answer with a JSON "
+            f'list holding its id, for example ["{taxonomy.ids[0]}"], and nothing else.'
+        )
+    else:
+        instruction = (
+            f"Which of the heuristics above does the solution below use? Answer with a JSON list of "
+            f"{MIN_LABELS} to {max_labels} ids from the list, in the order of the list, for example "
+            f'["{taxonomy.ids[0]}", "{taxonomy.ids[-1]}"], and nothing else.'
+        )
+    parts = [f"Heuristics (id: description):\n{menu}\n", instruction + "\n"]
     if question:
         parts.append(f"Problem:\n{question.strip()}\n")
-    parts.append(f"Solution:\n{shown}\n")
-    parts.append(
-        f"Which of the heuristics above does this solution use? Answer with a JSON list of "
-        f"{MIN_LABELS} to {MAX_LABELS} ids from the list, for example "
-        f'["{taxonomy.ids[0]}", "{taxonomy.ids[-1]}"], and nothing else.'
-    )
+    parts.append(f"Solution:\n{trace.strip()}\n")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": "\n".join(parts)}]
 
 
-def parse_labels(text: str, known_ids: Sequence[str] | set[str]) -> ParsedLabels:
+def parse_labels(
+    text: str, known_ids: Sequence[str] | set[str], max_labels: int = MAX_LABELS
+) -> ParsedLabels:
     """Strictly parse a judge answer; see the module docstring for what is accepted."""
     body = text.strip()
     fenced = _FENCE_RE.match(body)
@@ -84,7 +120,7 @@ def parse_labels(text: str, known_ids: Sequence[str] | set[str]) -> ParsedLabels
         return ParsedLabels(None, "not_a_list")
     if not all(isinstance(v, str) for v in value):
         return ParsedLabels(None, "non_string_item")
-    if not MIN_LABELS <= len(value) <= MAX_LABELS:
+    if not MIN_LABELS <= len(value) <= max_labels:
         return ParsedLabels(None, "wrong_length")
     if len(set(value)) != len(value):
         return ParsedLabels(None, "duplicate_ids")
@@ -94,6 +130,20 @@ def parse_labels(text: str, known_ids: Sequence[str] | set[str]) -> ParsedLabels
     return ParsedLabels(tuple(value))
 
 
+def _prompt_tokens(backend: GenerationBackend, messages: list[dict[str, str]]) -> int:
+    """Prompt length in tokens: exact where the back-end can encode, else chars / 3 (generous)."""
+    encode = getattr(backend, "encode", None)
+    if callable(encode):
+        return len(encode(messages))
+    return sum(len(m["content"]) for m in messages) // 3 + 16
+
+
+def _model_context(backend: GenerationBackend) -> int | None:
+    config = getattr(getattr(backend, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
 def label_traces(
     backend: GenerationBackend,
     taxonomy: Taxonomy,
@@ -101,29 +151,41 @@ def label_traces(
     *,
     questions: Sequence[str | None] | None = None,
     seed: int = 0,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
+    constrain: bool = True,
+    context_tokens: int | None = None,
+    max_labels: int = MAX_LABELS,
 ) -> list[ParsedLabels]:
-    """Ask the judge about each trace (one sample each) and parse its answers strictly."""
+    """Ask the judge about each trace (one sample each) and parse its answers strictly.
+
+    ``constrain`` sends the answer's JSON schema with each request (back-ends that can constrain
+    then always answer in it); ``max_new_tokens`` defaults to the schema's longest answer. A
+    trace whose prompt plus answer would exceed ``context_tokens`` is not sent: it is labelled
+    ``too_long`` (a failure, counted) rather than cut.
+    """
     qs = list(questions) if questions is not None else [None] * len(traces)
-    requests = [
-        GenRequest(
-            f"judge-{i}",
-            judge_messages(taxonomy, t, q),
-            (unit_seed(seed, f"judge-{i}", "composition", 0),),
-            max_new_tokens,
-            temperature,
+    schema = judge_schema(taxonomy.ids, max_labels)
+    budget = max_new_tokens or judge_token_budget(schema)
+    out: list[ParsedLabels | None] = [None] * len(traces)
+    context_tokens = context_tokens or _model_context(backend)
+    requests = []
+    for i, (t, q) in enumerate(zip(traces, qs, strict=True)):
+        messages = judge_messages(taxonomy, t, q, max_labels)
+        if context_tokens is not None and _prompt_tokens(backend, messages) + budget > context_tokens:
+            out[i] = ParsedLabels(None, "too_long")
+            continue
+        seeds = (unit_seed(seed, f"judge-{i}", "composition", 0),)
+        requests.append(
+            GenRequest(
+                f"judge-{i}", messages, seeds, budget, temperature, json_schema=schema if constrain else None
+            )
         )
-        for i, (t, q) in enumerate(zip(traces, qs, strict=True))
-    ]
-    if not requests:
-        return []
-    results = backend.generate(requests)
-    out = []
-    for samples in results:
-        parsed = parse_labels(samples[0].text, taxonomy.ids)
-        out.append(ParsedLabels(parsed.ids, parsed.error, samples[0].text))
-    return out
+    results = backend.generate(requests) if requests else []
+    for request, samples in zip(requests, results, strict=True):
+        parsed = parse_labels(samples[0].text, taxonomy.ids, max_labels)
+        out[int(request.request_id.split("-")[1])] = ParsedLabels(parsed.ids, parsed.error, samples[0].text)
+    return [lab for lab in out if lab is not None]
 
 
 def summarize_labels(labels: Sequence[ParsedLabels], top: int = 10) -> dict[str, object]:
@@ -144,4 +206,50 @@ def summarize_labels(labels: Sequence[ParsedLabels], top: int = 10) -> dict[str,
         "top_combinations": [{"combination": c, "count": k} for c, k in combos.most_common(top)],
         "top_heuristics": [{"heuristic": h, "count": k} for h, k in singles.most_common(top)],
         "failure_examples": [lab.raw[:FAILURE_EXAMPLE_CHARS] for lab in labels if lab.ids is None][:3],
+    }
+
+
+def multi_share_ci(labels: Sequence[ParsedLabels], seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of the multi-heuristic share over parsed traces (None if none)."""
+    values = [float(len(lab.ids) >= 2) for lab in labels if lab.ids is not None]
+    return list(bootstrap_ci(values, seed=seed)) if values else None
+
+
+def new_combinations(
+    after: Sequence[ParsedLabels], reference: Sequence[ParsedLabels], top: int = 10
+) -> list[dict[str, Any]]:
+    """Combinations (>= 2 ids) in ``after``'s labels that no ``reference`` label set contains.
+
+    A trace labelled {a, b, c} contributes its pairs and larger subsets; a subset is new when no
+    reference trace was labelled with all of its ids together (the paper's "Bolzano + Decompose"
+    after RL, never together in mid-training). Counted per trace, most frequent first.
+    """
+    seen = [set(lab.ids) for lab in reference if lab.ids is not None]
+    counts: Counter[str] = Counter()
+    for lab in after:
+        if lab.ids is None or len(lab.ids) < 2:
+            continue
+        ids = sorted(lab.ids)
+        for size in range(2, len(ids) + 1):
+            for combo in itertools.combinations(ids, size):
+                if not any(set(combo) <= ref for ref in seen):
+                    counts[" + ".join(combo)] += 1
+    return [{"combination": c, "count": k} for c, k in counts.most_common(top)]
+
+
+def judge_validity(labels: Sequence[ParsedLabels], known: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Recall of the known heuristic on exemplars whose heuristic we know, and the share of
+    exemplars labelled with >= 2 heuristics. ``known[i]``: the taxonomy ids that count as a hit."""
+    if len(labels) != len(known):
+        raise ValueError(f"{len(labels)} labels for {len(known)} exemplars")
+    hits = [bool(lab.ids and set(lab.ids) & set(k)) for lab, k in zip(labels, known, strict=True)]
+    parsed = [lab for lab in labels if lab.ids is not None]
+    n = len(labels)
+    recall = sum(hits) / n if n else None
+    return {
+        "exemplars": n,
+        "parsed": len(parsed),
+        "recall": recall,
+        "multi_label_share": sum(len(lab.ids or ()) >= 2 for lab in parsed) / len(parsed) if parsed else None,
+        "low_recall": recall is not None and recall < LOW_RECALL,
     }

@@ -308,11 +308,38 @@ class EvaluateSection(ExecutorFields):
 
 class AnalyzeSection(Section):
     kernels: list[Literal["ngram", "embedding"]] = Field(default_factory=lambda: ["ngram"])
+    ngram_dim: int | None = Field(
+        4096,
+        ge=1,
+        description="Hashed n-gram features for whole-set Vendi (d x d eigenproblem); None = exact.",
+    )
     judge_backend: BackendConfig = Field(default_factory=BackendConfig)
     judge_model: str | None = Field(None, description="Composition judge; None = the base model.")
     max_traces: int = Field(32, ge=0, description="Traces per model labelled by the composition judge.")
-    judge_max_new_tokens: int = Field(64, ge=1, description="Token budget of one judge answer.")
+    judge_max_new_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one judge answer; None = the schema's longest answer."
+    )
+    judge_constrain: bool = Field(True, description="Constrain judge answers to the label JSON schema.")
+    judge_context_tokens: int | None = Field(
+        None, ge=1, description="Judge context; longer traces are counted too_long. None = the model's."
+    )
+    benchmarks: list[str] | None = Field(
+        None, description="Evaluation benchmarks whose traces the judge labels; None = every math one."
+    )
     judge_temperature: float = Field(0.0, ge=0, description="Judge sampling temperature; 0 = greedy.")
+    judge_shard_size: int = Field(64, ge=1, description="Traces per judge shard (the unit of Ray tasks).")
+    catalogue_taxonomy_map: str | None = Field(
+        "configs/heuristics/catalogue_taxonomy_v1.yaml",
+        description="Which taxonomy ids count as recognising each generation heuristic (judge validity).",
+    )
+    validity_per_heuristic: int | None = Field(
+        None, ge=1, description="Catalogue exemplars per heuristic the judge labels for validity; None = all."
+    )
+    modes: bool = Field(True, description="Measure mode coverage of each evaluated model.")
+    executor: Literal["local", "ray"] = Field("local", description="Where the judge runs.")
+    workers: int = Field(1, ge=1, description="ray: judge actors, each loading the judge once.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster; None starts a local one.")
+    ray_num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster started on demand.")
     top_combinations: int = Field(10, ge=1, description="Most frequent heuristic combinations reported.")
     trace_samples: int = Field(3, ge=0, description="Mid-training traces per heuristic shown in the report.")
 

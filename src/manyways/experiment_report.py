@@ -1,7 +1,8 @@
 """The experiment's comparison report: arms as rows, built from each arm's stage outputs.
 
 Rows: ``base`` (evaluated once), ``<arm> (mid)`` (the mid-trained model before RL) and
-``<arm>`` (after RL). Vendi scores are shown per arm and kernel; composition per row.
+``<arm>`` (after RL). Vendi scores are shown per arm and kernel; composition, mode coverage per
+row (with each arm's mid-training traces as the composition reference); judge validity per arm.
 """
 
 from __future__ import annotations
@@ -30,9 +31,19 @@ def _rows(evaluate_dir: Path, arm: str) -> dict[str, dict[str, Any]]:
 def _merge_analysis(data: ReportData, analysis: dict[str, Any], arm: str) -> None:
     for label, stats in analysis.get("composition", {}).get("per_model", {}).items():
         data.composition.setdefault("per_model", {})[LABELS.get(label, label).format(arm=arm)] = stats
-    for key in ("judge_model", "taxonomy_version"):
+    for key in ("judge_model", "taxonomy_version", "benchmarks"):
         if key in analysis.get("composition", {}):
             data.composition[key] = analysis["composition"][key]
+    if analysis.get("composition", {}).get("mid_training", {}).get("traces"):
+        data.composition.setdefault("mid_training", {})[arm] = analysis["composition"]["mid_training"]
+    if "recall" in analysis.get("judge_validity", {}):
+        data.judge_validity[arm] = analysis["judge_validity"]
+    modes = analysis.get("modes", {})
+    for label, coverage in modes.get("per_model", {}).items():
+        row = LABELS.get(label, label).format(arm=arm)
+        data.modes.setdefault("per_model", {})[row] = coverage
+        data.modes.setdefault("judge_agreement", {})[row] = modes.get("judge_agreement", {}).get(label, {})
+        data.modes["method"] = modes.get("method")
     vendi = analysis.get("vendi", {})
     for kernel, scores in vendi.get("kernels", {}).items():
         data.vendi.setdefault("kernels", {})[f"{arm} / {kernel}"] = scores

@@ -7,7 +7,8 @@ experiment runner can build one with arms as rows and the ``report`` stage one w
   in ``evaluate/results.json`` (``pass_at_k: {"k": {value, ci_low, ci_high}}``, ``mean_at_n``,
   ``problems``, ``samples``, ``excluded``, ``n``);
 - ``yields``: heuristic -> share of verified-correct samples;
-- ``vendi``, ``composition``, ``trace_samples``: ``analyze/analysis.json``'s sections;
+- ``vendi``, ``composition``, ``judge_validity`` (label -> validity), ``modes``, ``trace_samples``:
+  ``analyze/analysis.json``'s sections (rendered by :mod:`manyways.report_sections`);
 - ``notes``: free text shown at the top (e.g. what was skipped).
 
 The page has inline SVG figures (:mod:`manyways.plots`), the paper-style table (rows x
@@ -25,7 +26,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from manyways.plots import bar_svg, pass_at_k_svg
+from manyways.plots import bar_svg, pass_at_k_panels_svg
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ReportData:
     yields: dict[str, float] = field(default_factory=dict)
     vendi: dict[str, Any] = field(default_factory=dict)
     composition: dict[str, Any] = field(default_factory=dict)
+    judge_validity: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> validity
+    modes: dict[str, Any] = field(default_factory=dict)  # analysis.json's "modes", rows as labels
     trace_samples: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     row_order: list[str] | None = None  # display order of rows (JSON files may sort keys)
@@ -148,7 +151,21 @@ def sizes_table(data: ReportData) -> str:
     )
 
 
+def row_families(rows: list[str]) -> dict[str, list[str]]:
+    """Panels of the pass@k figure: each arm with its mid-trained model (``<arm> (mid)``), plus
+    ``base`` in every panel as the reference; rows without such pairs go in panels of <= 6."""
+    families: dict[str, list[str]] = {}
+    for row in rows:
+        if row != "base":
+            families.setdefault(row.removesuffix(" (mid)"), []).append(row)
+    base = ["base"] if "base" in rows else []
+    if families and any(len(members) > 1 for members in families.values()):
+        return {name: base + members for name, members in families.items()}
+    return {f"rows {i + 1}-{min(i + 6, len(rows))}": rows[i : i + 6] for i in range(0, len(rows), 6)}
+
+
 def pass_at_k_figures(data: ReportData) -> str:
+    """One figure per benchmark, one panel per arm family (readable, not 16 overlapping bands)."""
     figs = []
     for b in data.benchmarks:
         curves = {}
@@ -159,8 +176,15 @@ def pass_at_k_figures(data: ReportData) -> str:
                     int(k): (p["value"], _or(p["ci_low"], p["value"]), _or(p["ci_high"], p["value"]))
                     for k, p in points.items()
                 }
-        if curves:
-            figs.append(f"<figure>{pass_at_k_svg(curves, f'pass@k: {b}')}</figure>")
+        panels = {
+            name: {r: curves[r] for r in members if r in curves}
+            for name, members in row_families(list(curves)).items()
+        }
+        panels = {name: c for name, c in panels.items() if c}
+        if panels:
+            figs.append(
+                f'<figure data-benchmark="{_e(b)}">{pass_at_k_panels_svg(panels, f"pass@k: {b}")}</figure>'
+            )
     return f'<div class="figs">{"".join(figs)}</div>'
 
 
@@ -178,59 +202,6 @@ def yield_html(data: ReportData) -> str:
     return (
         f'<div class="figs"><figure>{fig}</figure></div><table id="yield">'
         f'<tr><th class="label">heuristic</th><th>yield</th></tr>{rows}</table>'
-    )
-
-
-def vendi_html(data: ReportData) -> str:
-    kernels = data.vendi.get("kernels", {})
-    if not kernels:
-        return f"<p>No Vendi scores ({_e(data.vendi.get('note', 'no mid-training data'))}).</p>"
-    rows, figs = [], []
-    for name, v in kernels.items():
-        rows.append(
-            f'<tr><td class="label">{_e(name)}</td><td>{_fmt(v["overall"], 2)}</td>'
-            f"<td>{_fmt(v.get('per_problem_mean'), 2)}</td><td>{v.get('problems_with_2plus', 0)}</td></tr>"
-        )
-        if v.get("per_heuristic"):
-            figs.append(
-                f"<figure>{bar_svg(v['per_heuristic'], f'Vendi per heuristic ({name})', 'Vendi')}</figure>"
-            )
-    return (
-        f"<p>{data.vendi.get('traces', 0)} mid-training traces.</p>"
-        '<table id="vendi"><tr><th class="label">kernel</th><th>overall</th><th>mean per problem</th>'
-        f"<th>problems with ≥2 traces</th></tr>{''.join(rows)}</table>"
-        f'<div class="figs">{"".join(figs)}</div>'
-    )
-
-
-def composition_html(data: ReportData) -> str:
-    per_model = data.composition.get("per_model", {})
-    if not per_model:
-        return f"<p>No composition analysis ({_e(data.composition.get('note', 'skipped'))}).</p>"
-    rows = []
-    for model, s in per_model.items():
-        combos = "; ".join(
-            f"{_e(c['combination'])} ({c['count']})" for c in s.get("top_combinations", [])[:5]
-        )
-        reasons = ", ".join(f"{_e(k)}: {v}" for k, v in s.get("failure_reasons", {}).items())
-        rows.append(
-            f'<tr><td class="label">{_e(model)}</td><td>{s["traces"]}</td><td>{s["parsed"]}</td>'
-            f"<td>{_fmt(s.get('parse_failure_rate'), 2)}</td><td>{_fmt(s.get('multi_heuristic_share'), 2)}"
-            f'</td><td class="label">{combos or "–"}</td><td class="label">{reasons or "–"}</td></tr>'
-        )
-    examples = "".join(
-        f"<details><summary>Unparsed judge answers: {_e(model)}</summary>"
-        + "".join(f"<pre>{_e(x)}</pre>" for x in s["failure_examples"])
-        + "</details>"
-        for model, s in per_model.items()
-        if s.get("failure_examples")
-    )
-    judge = _e(data.composition.get("judge_model", "?"))
-    return (
-        f"<p>Judge: {judge}; multi-heuristic share is over parsed traces only.</p>"
-        '<table id="composition"><tr><th class="label">model</th><th>traces</th><th>parsed</th>'
-        '<th>parse-failure rate</th><th>share with ≥2 heuristics</th><th class="label">top combinations</th>'
-        f'<th class="label">failure reasons</th></tr>{"".join(rows)}</table>{examples}'
     )
 
 
@@ -255,12 +226,16 @@ def render_html(data: ReportData) -> str:
         f"Intervals are {round(data.ci_level * 100)}% percentile-bootstrap intervals over problems; "
         "with few problems they are wide, so read small differences as noise."
     )
+    from manyways.report_sections import composition_html, modes_html, validity_html, vendi_html
+
     sections = [
         ("Results", f"<p>{_e(caveat)}</p>{results_table(data)}{sizes_table(data)}"),
         ("pass@k curves", pass_at_k_figures(data)),
         ("Yield per heuristic", yield_html(data)),
         ("Diversity of the mid-training data (Vendi)", vendi_html(data)),
         ("Heuristic composition", composition_html(data)),
+        ("Is the judge any good?", validity_html(data)),
+        ("Mode coverage: how many ways each model answers", modes_html(data)),
         ("Traces", traces_html(data)),
     ]
     body = "".join(f"<h2>{_e(title)}</h2>{content}" for title, content in sections)

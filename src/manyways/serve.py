@@ -143,8 +143,27 @@ def request_from_body(body: dict[str, Any], messages: list[dict[str, str]] | Non
         "top_p": _float_field(body, "top_p", 1.0),
         "stop": _stop_tuple(body.get("stop")),
     }
-    # Further request options (e.g. ``response_format``) are parsed here into ``options``.
+    options["json_schema"] = response_format_schema(body.get("response_format"))
     return GenRequest(**options)
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema of an OpenAI ``response_format`` (``json_schema`` type), else None.
+
+    The back-end then constrains its answer to the schema (hf: llguidance). ``json_object`` and
+    anything else unknown is refused rather than silently ignored."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        raise BadRequest(
+            "response_format: only {type: json_schema, json_schema: {schema: {...}}} is supported",
+            "response_format",
+        )
+    return schema
 
 
 @dataclass(frozen=True)

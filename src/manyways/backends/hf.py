@@ -19,6 +19,9 @@ the cache) and, while :meth:`HFBackend.generate` runs, the model's attention swi
 the model's own attention setting is restored afterwards. ``kv_dtype`` (default: the model's
 dtype) is the dtype the cache is stored and attention computed in.
 
+A request with ``json_schema`` is decoded under grammar token masks (llguidance,
+:mod:`manyways.backends.constrained`): its answer is a valid instance of the schema.
+
 CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto is the faster of bf16 and fp32 for
 generation at the model's shapes, measured once per machine (:mod:`manyways.dtype_auto`).
 """
@@ -65,6 +68,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     stopped_by_string: bool = False
+    matcher: Any = None  # grammar matcher when the request has a json_schema
 
 
 @dataclass
@@ -217,6 +221,8 @@ class HFBackend:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(int(seed) % 2**63)
                 rows.append(_Row(unit.request, generator, len(unit.tokens)))
+                if unit.request.json_schema is not None:
+                    rows[-1].matcher = self._constraint().matcher(unit.request.json_schema)
                 unit_of_row.append(k)
                 self.stats.prompt_tokens_submitted += len(unit.tokens)
         index = torch.tensor(unit_of_row, device=self.device)
@@ -293,6 +299,8 @@ class HFBackend:
         active = list(range(len(rows)))
         while active:
             chosen = [rows[r] for r in active]
+            if any(r.matcher is not None for r in chosen):
+                self._constraint().mask_(logits, [r.matcher for r in chosen])
             tokens = select_tokens(
                 logits,
                 [r.request.temperature for r in chosen],
@@ -324,6 +332,8 @@ class HFBackend:
         """Append ``token`` to ``row``; True when the row is finished."""
         row.tokens.append(token)
         request = row.request
+        if row.matcher is not None:
+            self._constraint().advance(row.matcher, token)
         if token in self.eos_ids:
             row.finish = "stop"
         elif request.stop and self._tail_has_stop(row.tokens, request.stop):
@@ -344,6 +354,12 @@ class HFBackend:
             text, _ = truncate_at_stop(text, row.request.stop)
         finish = "decode_error" if "\ufffd" in text else (row.finish or "length")
         return GenSample(text, finish, row.prompt_tokens, len(row.tokens))
+
+    def _constraint(self) -> Any:
+        """Token masks for requests with a ``json_schema`` (llguidance; built on first use)."""
+        from manyways.backends.constrained import constraint_for
+
+        return constraint_for(self.tokenizer, self.eos_ids, int(self.model.config.vocab_size))
 
     # ------------------------------------------------------------- judge helpers
     def _next_logits(self, messages_list: Sequence[list[dict[str, str]]]) -> torch.Tensor:

@@ -167,6 +167,11 @@ class OpenAIBackend:
         }
         if request.stop:
             payload["stop"] = list(request.stop)
+        if request.json_schema is not None:  # OpenAI structured outputs (vLLM and others honour it)
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": request.json_schema},
+            }
         return payload
 
     def _one_sample(self, request: GenRequest, seed: int) -> GenSample:

@@ -32,6 +32,7 @@ class GenRequest:
     temperature: float = 0.7  # 0 means greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop strings; the matched stop string is not part of the text
+    json_schema: dict | None = None  # constrain the answer to this JSON schema (back-ends that can)
 
     @property
     def n(self) -> int:

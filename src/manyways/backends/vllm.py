@@ -41,6 +41,13 @@ def _import_vllm() -> Any:
     return vllm
 
 
+def _structured_outputs_params(**kwargs: Any) -> Any:
+    """``vllm.sampling_params.StructuredOutputsParams`` (vLLM >= 0.11; it replaced guided_json)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(**kwargs)
+
+
 class VLLMBackend:
     """Generation with an in-process vLLM engine."""
 
@@ -52,10 +59,13 @@ class VLLMBackend:
         model_id: str,
         *,
         sampling_params: Callable[..., Any] | None = None,
+        structured_outputs: Callable[..., Any] | None = None,
     ) -> None:
         self.engine = engine
         self.model_id = model_id
         self.sampling_params = sampling_params or _import_vllm().SamplingParams
+        # requests with a json_schema: SamplingParams(structured_outputs=StructuredOutputsParams(json=...))
+        self.structured_outputs = structured_outputs or _structured_outputs_params
         self.tokenizer = engine.get_tokenizer()
         self.stats = BackendStats()
 
@@ -91,7 +101,14 @@ class VLLMBackend:
             top_p=request.top_p,
             max_tokens=request.max_new_tokens,
             stop=list(request.stop) or None,
+            **self._structured(request),
         )
+
+    def _structured(self, request: GenRequest) -> dict[str, Any]:
+        """vLLM's structured-output option for a request with a JSON schema (else nothing)."""
+        if request.json_schema is None:
+            return {}
+        return {"structured_outputs": self.structured_outputs(json=request.json_schema)}
 
     def generate(
         self, requests: Sequence[GenRequest], progress: ProgressCallback | None = None

@@ -8,11 +8,11 @@ that needs it is then skipped with a note.
   per problem (mean over problems with >= 2 traces) and per heuristic; the kernel is recorded.
 - Yield per heuristic: verify's ``yield.json`` found through the select manifest's inputs, or
   else computed from verify's verdict shards; skipped with a note when neither is reachable.
-- Heuristic composition: an LLM judge (``cfg.analyze.judge_model``, default the base model)
-  labels up to ``cfg.analyze.max_traces`` non-empty evaluated traces per model (chosen by a
-  seeded hash, the same (problem, sample) order for every model) with taxonomy ids, strictly
-  parsed (:mod:`manyways.composition`); per model: multi-heuristic share, parse-failure rate,
-  top combinations.
+- Judged analyses (:mod:`manyways.analyses`): heuristic composition of the math benchmarks'
+  traces (same problems and samples for every model) and of the mid-training traces, with new
+  combinations after RL; judge validity on the catalogue's exemplars; mode coverage of each model.
+  The judge (``cfg.analyze.judge_model``, default the base model) answers in a JSON schema
+  (constrained decoding) and runs through ``manyways.executor`` (``analyze.executor``).
 - A few mid-training traces per heuristic, for the report's trace browser.
 
 Outputs under ``<run>/analyze/``: ``analysis.json``, ``manifest.json``.
@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from manyways.analyses import run_judged
 from manyways.artifacts import (
     StageDir,
     append_metrics,
@@ -39,10 +41,9 @@ from manyways.artifacts import (
     write_json_atomic,
 )
 from manyways.backends.protocol import GenerationBackend
-from manyways.composition import label_traces, summarize_labels
 from manyways.config import Config
-from manyways.diversity import vendi_by_group, vendi_of_texts
-from manyways.heuristics import load_taxonomy
+from manyways.diversity import kernel_label, vendi_by_group, vendi_of_texts
+from manyways.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +85,40 @@ def mid_training_traces(select_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def vendi_section(traces: list[dict[str, Any]], kernels: list[str]) -> dict[str, Any]:
-    """Vendi scores per kernel: overall, mean per problem (>= 2 traces), per heuristic."""
+def vendi_section(
+    traces: list[dict[str, Any]], kernels: list[str], ngram_dim: int | None, seed: int = 0
+) -> dict[str, Any]:
+    """Vendi per kernel (named): the whole set, per question (mean and 95% CI), per heuristic.
+
+    The whole set and the per-heuristic groups use hashed n-grams (``ngram_dim`` features) so the
+    eigenproblem stays d x d; per question (a handful of traces) uses the exact n-gram vocabulary.
+    """
     texts = [t["trace"] for t in traces]
     out: dict[str, Any] = {"traces": len(texts), "kernels": {}}
     if not texts:
         out["note"] = "no mid-training traces"
         return out
+    problems = [t["problem_id"] for t in traces]
     for kernel in kernels:
-        by_problem = defaultdict(list)
-        for t in traces:
-            by_problem[t["problem_id"]].append(t["trace"])
-        multi = [ts for ts in by_problem.values() if len(ts) >= 2]
-        per_problem = [vendi_of_texts(ts, kernel) for ts in multi]  # type: ignore[arg-type]
-        per_heuristic = vendi_by_group(texts, [t["heuristic"] for t in traces], kernel)  # type: ignore[arg-type]
+        k: Any = kernel
+        per_q = vendi_by_group(texts, problems, k, ngram_dim=None, min_size=2)
+        values = list(per_q.values())
+        ci = bootstrap_ci(values, seed=seed) if values else None
         out["kernels"][kernel] = {
             "kernel": kernel,
-            "overall": vendi_of_texts(texts, kernel),  # type: ignore[arg-type]
-            "per_problem_mean": sum(per_problem) / len(per_problem) if per_problem else None,
-            "problems_with_2plus": len(per_problem),
-            "per_heuristic": {str(k): v for k, v in per_heuristic.items()},
+            "kernel_label": kernel_label(k, ngram_dim),
+            "per_question_kernel_label": kernel_label(k, None),
+            "overall": vendi_of_texts(texts, k, ngram_dim=ngram_dim),
+            "per_problem_mean": sum(values) / len(values) if values else None,
+            "per_problem_ci": list(ci) if ci else None,
+            "per_problem_max_traces": max(Counter(problems).values()),
+            "problems_with_2plus": len(values),
+            "per_heuristic": {
+                str(h): v
+                for h, v in vendi_by_group(
+                    texts, [t["heuristic"] for t in traces], k, ngram_dim=ngram_dim
+                ).items()
+            },
         }
     return out
 
@@ -155,56 +170,6 @@ def yield_section(select_dir: Path | None) -> dict[str, Any]:
     }
 
 
-def eval_traces(eval_dir: Path, max_traces: int, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Up to ``max_traces`` non-empty evaluated traces per model, in a seeded hash order."""
-    rows = (
-        read_table(eval_dir)
-        .select(["model", "benchmark", "problem_id", "sample_idx", "completion"])
-        .to_pylist()
-    )
-    questions = _eval_questions(eval_dir)
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r["completion"].strip():
-            r["question"] = questions.get((r["benchmark"], r["problem_id"]))
-            by_model[r["model"]].append(r)
-    key = lambda r: unit_seed(seed, f"{r['benchmark']}/{r['problem_id']}", "composition", r["sample_idx"])  # noqa: E731
-    return {m: sorted(rs, key=key)[:max_traces] for m, rs in by_model.items()}
-
-
-def _eval_questions(eval_dir: Path) -> dict[tuple[str, str], str]:
-    out = {}
-    for f in sorted((eval_dir / "problems").glob("*.parquet")):
-        for r in pq.read_table(f, columns=["problem_id", "question"]).to_pylist():
-            out[(f.stem, r["problem_id"])] = r["question"]
-    return out
-
-
-def composition_section(cfg: Config, eval_dir: Path, judge: GenerationBackend) -> dict[str, Any]:
-    """Per model: the judge's labels of its traces, summarised."""
-    taxonomy = load_taxonomy(cfg.heuristics.taxonomy)
-    a = cfg.analyze
-    per_model = {}
-    for model, rows in eval_traces(eval_dir, a.max_traces, cfg.run.seed).items():
-        labels = label_traces(
-            judge,
-            taxonomy,
-            [r["completion"] for r in rows],
-            questions=[r["question"] for r in rows],
-            seed=cfg.run.seed,
-            max_new_tokens=a.judge_max_new_tokens,
-            temperature=a.judge_temperature,
-        )
-        per_model[model] = summarize_labels(labels, top=a.top_combinations)
-        log.info("composition %s: %d traces, %d parsed", model, len(labels), per_model[model]["parsed"])
-    return {
-        "judge_model": judge.model_id,
-        "taxonomy_version": taxonomy.version,
-        "taxonomy_size": len(taxonomy.entries),
-        "per_model": per_model,
-    }
-
-
 def trace_samples(traces: list[dict[str, Any]], per_heuristic: int, seed: int) -> list[dict[str, Any]]:
     """A few mid-training traces per heuristic (seeded choice) for the report."""
     by_h: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -220,15 +185,6 @@ def trace_samples(traces: list[dict[str, Any]], per_heuristic: int, seed: int) -
             for t in ranked[:per_heuristic]
         ]
     return out
-
-
-def _judge(cfg: Config) -> GenerationBackend:
-    from manyways.backends.config import make_backend
-
-    return make_backend(
-        cfg.analyze.judge_backend.model_copy(update={"model": None}),
-        cfg.analyze.judge_model or cfg.model.name,
-    )
 
 
 def run(
@@ -249,20 +205,20 @@ def run(
     select_dir, eval_dir = inputs.get("select"), inputs.get("evaluate")
     traces = mid_training_traces(select_dir) if select_dir else []
     analysis: dict[str, Any] = {
-        "vendi": vendi_section(traces, list(cfg.analyze.kernels)),
+        "vendi": vendi_section(traces, list(cfg.analyze.kernels), cfg.analyze.ngram_dim, cfg.run.seed),
         "yield": yield_section(select_dir),
         "trace_samples": trace_samples(traces, cfg.analyze.trace_samples, cfg.run.seed),
         "mid_training_rows": len(traces),
     }
     if eval_dir is None or cfg.analyze.max_traces == 0:
-        analysis["composition"] = {"per_model": {}, "note": "no evaluate input or max_traces=0; skipped"}
+        note = "no evaluate input or max_traces=0; skipped"
+        analysis["composition"] = {"per_model": {}, "note": note}
+        analysis["judge_validity"] = {"note": note}
+        analysis["modes"] = {"per_model": {}, "note": note}
     else:
-        backend = judge or _judge(cfg)
-        try:
-            analysis["composition"] = composition_section(cfg, eval_dir, backend)
-        finally:
-            if judge is None:
-                backend.close()
+        started = time.perf_counter()
+        analysis.update(run_judged(cfg, eval_dir, traces, judge))
+        analysis["judge_wall_s"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out_dir / "analysis.json", analysis)
     counts = _counts(analysis)
     manifest = stage.finish(counts)
@@ -279,6 +235,8 @@ def _counts(analysis: dict[str, Any]) -> dict[str, Any]:
     for model, s in comp.items():
         counts[f"judged_{model}"] = s["traces"]
         counts[f"parse_failures_{model}"] = s["parse_failures"]
+    for key, n in analysis["composition"].get("left_out", {}).items():
+        counts[f"composition_left_out_{key}"] = n
     for kernel, v in analysis["vendi"]["kernels"].items():
         counts[f"vendi_{kernel}"] = v["overall"]
     return counts

@@ -59,12 +59,21 @@ def report_data(
         samples_per_problem=results.get("samples_per_problem"),
         yields=yields.get("per_heuristic", {}),
         vendi=analysis.get("vendi", {}),
-        composition=analysis.get("composition", {}),
+        composition=_with_reference(analysis.get("composition", {})),
+        judge_validity={"this run": analysis["judge_validity"]} if "judge_validity" in analysis else {},
+        modes=analysis.get("modes", {}),
         trace_samples=analysis.get("trace_samples", []),
         notes=notes,
         row_order=results.get("model_order") or list(results.get("models", {})),
         benchmark_order=list(results.get("benchmarks", [])),
     )
+
+
+def _with_reference(composition: dict[str, Any]) -> dict[str, Any]:
+    """The run's mid-training labels as the report's one reference row."""
+    if not composition.get("mid_training"):
+        return composition
+    return {**composition, "mid_training": {"this run": composition["mid_training"]}}
 
 
 def render(run_dir: Path, data: ReportData | None = None) -> Path:
