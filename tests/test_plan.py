@@ -108,7 +108,9 @@ def test_paper_plan_counts_follow_the_config():
     distill_gen = p.runs[p.arms["distill_rl"][0].dir]
     assert not distill_gen.shared and "QwQ-32B" in distill_gen.estimate.what
     assert distill_gen.estimate.samples == 7473 * cfg.heuristics.n * 4  # the teacher: heuristics.n
-    assert p.steps("incorrect_n4")["select"].estimate.what.startswith("one incorrect trace per (question, heuristic), 4 ")
+    assert p.steps("incorrect_n4")["select"].estimate.what.startswith(
+        "one incorrect trace per (question, heuristic), 4 "
+    )
     assert distill_gen.gpu_hours > 5 * polya_gen.gpu_hours  # a 32B teacher decodes ~10x slower
     star_gen = p.runs[p.arms["star_rl"][0].dir]
     assert star_gen.estimate.samples == 7473 * 4

@@ -164,7 +164,10 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
     }
     assert len(products) == 1
     # untouched: learning rates, TRL batch settings, seeds, heuristics
-    assert (rcfg.rl.learning_rate, rcfg.midtrain.learning_rate) == (cfg.rl.learning_rate, cfg.midtrain.learning_rate)
+    assert (rcfg.rl.learning_rate, rcfg.midtrain.learning_rate) == (
+        cfg.rl.learning_rate,
+        cfg.midtrain.learning_rate,
+    )
     assert rcfg.midtrain.trl == {**cfg.midtrain.trl, "report_to": "none"}
     assert (rcfg.run.seed, rcfg.heuristics) == (cfg.run.seed, cfg.heuristics)
     assert rcfg.generate.max_new_tokens == cfg.generate.max_new_tokens // 32

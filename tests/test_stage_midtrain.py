@@ -216,7 +216,10 @@ def test_one_length_setting_drops_and_counts(
 def test_disagreeing_length_settings_are_a_config_error(tmp_path: Path, repo_root: Path) -> None:
     from manyways.config import ConfigError
 
-    for trl_only in (["midtrain.trl={max_length: 2048}"], ["midtrain.max_length=1024", "midtrain.trl={max_length: 2048}"]):
+    for trl_only in (
+        ["midtrain.trl={max_length: 2048}"],
+        ["midtrain.max_length=1024", "midtrain.trl={max_length: 2048}"],
+    ):
         with pytest.raises(ConfigError, match=r"midtrain.trl.max_length duplicates midtrain.max_length"):
             load_config(None, trl_only)
     assert load_config(None, ["midtrain.max_length=512"]).midtrain.length_limit == 512
