@@ -188,15 +188,21 @@ def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
 
 
 @pytest.mark.slow
-def test_rehearsal_of_the_paper_recipe(tmp_path: Path) -> None:
+def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rehearsal of configs/paper_llama3b.yaml: every arm, evaluated and analysed, generation
-    through the vllm back-end on Ray workers with fake GPUs, midtrain and rl on two processes."""
+    through the vllm back-end on Ray workers with fake GPUs, midtrain and rl on two processes; and
+    every key the config file sets is read by some stage (in this process, a Ray worker or a rank)."""
     import json
 
+    from manyways.keyuse import ENV_VAR, check_keys_read, reads_from_dir, record_reads
     from manyways.rehearsal import Scale, rehearse
 
     cfg = load_config(PAPER, [f"run.root={tmp_path / 'runs'}"])
-    summary = rehearse(cfg, workdir=tmp_path / "work", scale=Scale(max_eval_rl_rows=8))
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "reads"))  # before Ray and the training ranks start
+    with record_reads() as reads:
+        summary = rehearse(cfg, workdir=tmp_path / "work", scale=Scale(max_eval_rl_rows=8))
+    reads.paths |= reads_from_dir(tmp_path / "reads").paths
+    check_keys_read(PAPER, reads)  # raises naming every key nobody read
     report = summary["report"]
     for arm in cfg.experiment.arms:
         assert f"\n  {arm}\n" in report
