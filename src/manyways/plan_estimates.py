@@ -235,11 +235,22 @@ def _evaluate(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumpti
     return Estimate(what, samples, "samples", samples, tokens_in, out, hours, {"models": models})
 
 
+def judge_budget(cfg: Config) -> int:
+    """The judge's tokens per label: the configured cap, else the label schema's longest answer
+    (what the analyze stage uses; the taxonomy file is read, no model is loaded)."""
+    if cfg.analyze.judge_max_new_tokens is not None:
+        return cfg.analyze.judge_max_new_tokens
+    from manyways.composition import judge_schema, judge_token_budget
+    from manyways.heuristics import load_taxonomy
+
+    return judge_token_budget(judge_schema(load_taxonomy(cfg.heuristics.taxonomy).ids))
+
+
 def _analyze(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -> Estimate:
     an = cfg.analyze
     judged = up["evaluate"].detail["models"] * an.max_traces if "evaluate" in up else 0
     judge_model = an.judge_model or cfg.model.name
-    tokens_in, out = judged * a.prompt_tokens_judge, judged * an.judge_max_new_tokens
+    tokens_in, out = judged * a.prompt_tokens_judge, judged * judge_budget(cfg)
     what = f"{judged:,} traces labelled by the composition judge; {', '.join(an.kernels)} diversity"
     return Estimate(
         what, judged, "traces", judged, tokens_in, out, _Cost(cfg, a).decode(judge_model, out, tokens_in)
