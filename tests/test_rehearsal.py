@@ -164,6 +164,15 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
     }
     assert len(products) == 1
     # untouched: learning rates, TRL batch settings, seeds, heuristics
+    # the stand-in benchmarks share no question (nor 13-gram) with the stand-in training sets, so
+    # decontamination leaves them whole and the recipe's analyze.benchmarks have traces to label
+    from manyways.data.contamination import decontaminate
+    from manyways.stages.evaluate import benchmarks, load_benchmark
+
+    loaded = {name: load_benchmark(src, True) for name, src in benchmarks(rcfg).items()}
+    kept, contamination = decontaminate(rcfg, loaded)
+    assert all(r["excluded"] == 0 for r in contamination["benchmarks"].values()), contamination
+    assert all(kept[b] for b in rcfg.analyze.benchmarks)
     assert (rcfg.rl.learning_rate, rcfg.midtrain.learning_rate) == (
         cfg.rl.learning_rate,
         cfg.midtrain.learning_rate,

@@ -232,11 +232,17 @@ def test_same_problems_and_samples_for_every_model(tmp_path: Path, stages: dict[
     traces, left_out = eval_traces(stages["evaluate"], max_traces=100, seed=0)
     keys = {m: [(r["problem_id"], r["sample_idx"]) for r in rows] for m, rows in traces.items()}
     assert keys["base"] == keys["m2"] and len(keys["base"]) == 8  # empty completions included
-    assert left_out == {"not_math": 4, "other_benchmark": 0}
+    assert left_out == {"not_math": 4, "other_benchmark": 0, "benchmarks_without_problems": 0}
     only, _ = eval_traces(stages["evaluate"], max_traces=3, seed=0, benchmarks=["b"])
     assert [len(v) for v in only.values()] == [3, 3]
     with pytest.raises(ValueError, match="aime2024"):
         eval_traces(stages["evaluate"], max_traces=3, seed=0, benchmarks=["aime2024"])
+    # evaluated, but every problem excluded (e.g. as contaminated): nothing to label, counted
+    from manyways.data import write_problems
+
+    write_problems([], stages["evaluate"] / "problems" / "aime2024.parquet")
+    none, counts = eval_traces(stages["evaluate"], max_traces=3, seed=0, benchmarks=["aime2024"])
+    assert all(not rows for rows in none.values()) and counts["benchmarks_without_problems"] == 1
 
 
 def _judge_from_config(tmp_path: Path, stages: dict[str, Path], *extra: str) -> dict:

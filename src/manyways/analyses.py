@@ -63,9 +63,17 @@ def eval_traces(
     problems = _eval_problems(eval_dir)
     present = {r["benchmark"] for r in rows}
     missing = sorted(set(benchmarks or ()) - present)
-    if missing:
-        raise ValueError(f"analyze.benchmarks names {missing}, not evaluated (have {sorted(present)})")
-    kept, left_out = [], {"not_math": 0, "other_benchmark": 0}
+    # a benchmark evaluated with no problem left (every one excluded, e.g. as contaminated) has
+    # nothing to label: counted and logged; one that was never evaluated is a config error
+    emptied = [b for b in missing if (eval_dir / "problems" / f"{b}.parquet").exists()]
+    if set(missing) - set(emptied):
+        raise ValueError(
+            f"analyze.benchmarks names {sorted(set(missing) - set(emptied))}, not evaluated "
+            f"(have {sorted(present)})"
+        )
+    if emptied:
+        log.warning("analyze.benchmarks %s: evaluated with no problem left, nothing to label", emptied)
+    kept, left_out = [], {"not_math": 0, "other_benchmark": 0, "benchmarks_without_problems": len(emptied)}
     for r in rows:
         problem = problems.get((r["benchmark"], r["problem_id"]), {})
         if problem.get("answer_type", "math") != "math":

@@ -11,6 +11,7 @@ time, see :mod:`manyways.rehearsal.models`) so that correct and incorrect traces
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,18 @@ def write_hub_file(source: HubSource, rows: int, path: Path) -> Path:
     if source.preset is not None and source.preset not in WRITERS:
         raise ValueError(f"no rehearsal rows for hub preset {source.preset!r} (known: {sorted(WRITERS)})")
     make = WRITERS[source.preset] if source.preset else (lambda i: _field_row(source, i))
+    first = question_offset(source)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for i in range(rows):
+        for i in range(first, first + rows):
             f.write(json.dumps(make(i)) + "\n")
     return path
+
+
+def question_offset(source: HubSource) -> int:
+    """Where ``source``'s questions start: each data set gets its own block of question numbers
+    (a multiple of 12, so the pattern of golds is kept), so no benchmark question equals a
+    training question or shares a 13-gram with one (every 13-gram holds the question's number),
+    and the evaluate stage's decontamination leaves the benchmarks whole, as on real data."""
+    spec = f"{source.preset or source.name}:{source.split}"
+    return 12_000 * (1 + zlib.crc32(spec.encode()) % 5000)
