@@ -197,6 +197,13 @@ def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
 
 
 @pytest.mark.slow
+# The arms `make test` rehearses: one of each kind the recipe has (mid-trained at small n, the
+# reasoning teacher, incorrect traces, both fixed budgets; the base model is evaluated and analysed
+# in any case). All 15 arms of the recipe take about 45 minutes on 2 cores, too long for `make test`:
+# MANYWAYS_REHEARSAL_ARMS="$(all arms, comma-separated)" runs them through this same test.
+REHEARSAL_ARMS = "polya_n2, distill_rl, incorrect_n4, budget_16x463, budget_1x7408"
+
+
 def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rehearsal of configs/paper_llama3b.yaml: every arm, evaluated and analysed, generation
     through the vllm back-end on Ray workers with fake GPUs, midtrain and rl on two processes; and
@@ -206,7 +213,8 @@ def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.Monke
     from manyways.keyuse import ENV_VAR, check_keys_read, reads_from_dir, record_reads
     from manyways.rehearsal import Scale, rehearse
 
-    cfg = load_config(PAPER, [f"run.root={tmp_path / 'runs'}"])
+    arms = os.environ.get("MANYWAYS_REHEARSAL_ARMS", REHEARSAL_ARMS)
+    cfg = load_config(PAPER, [f"run.root={tmp_path / 'runs'}", f"experiment.arms=[{arms}]"])
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "reads"))  # before Ray and the training ranks start
     with record_reads() as reads:
         summary = rehearse(cfg, workdir=tmp_path / "work", scale=Scale(max_eval_rl_rows=8))
