@@ -196,7 +196,6 @@ def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
     assert "does not divide" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 # The arms `make test` rehearses: one of each kind the recipe has (mid-trained at small n, the
 # reasoning teacher, incorrect traces, both fixed budgets; the base model is evaluated and analysed
 # in any case). All 15 arms of the recipe take about 45 minutes on 2 cores, too long for `make test`:
@@ -204,8 +203,9 @@ def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
 REHEARSAL_ARMS = "polya_n2, distill_rl, incorrect_n4, budget_16x463, budget_1x7408"
 
 
+@pytest.mark.slow
 def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rehearsal of configs/paper_llama3b.yaml: every arm, evaluated and analysed, generation
+    """The rehearsal of configs/paper_llama3b.yaml: its arms (REHEARSAL_ARMS), evaluated and analysed, generation
     through the vllm back-end on Ray workers with fake GPUs, midtrain and rl on two processes; and
     every key the config file sets is read by some stage (in this process, a Ray worker or a rank)."""
     import json
