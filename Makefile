@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint bench sysdeps clean
+.PHONY: install demo test test-rehearsal test-fast lint bench sysdeps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +52,14 @@ demo: install sysdeps
 	$(PY) -m manyways.cli experiment configs/tiny_cpu.yaml
 
 test: install sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not rehearsal"
+
+# The CPU rehearsal of the paper's recipe (tests/test_rehearsal.py; ~20 min for its five arms).
+test-rehearsal: install sysdeps
+	$(PY) -m pytest -q -m rehearsal
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not rehearsal"
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks

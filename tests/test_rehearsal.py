@@ -173,6 +173,10 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
     kept, contamination = decontaminate(rcfg, loaded)
     assert all(r["excluded"] == 0 for r in contamination["benchmarks"].values()), contamination
     assert all(kept[b] for b in rcfg.analyze.benchmarks)
+    # per-arm overrides fit the fake cluster too: the QwQ teacher's 4-GPU engines and 16K tokens
+    teacher = rcfg.experiment.overrides["distill_rl"]
+    assert teacher["generate.backend.vllm"]["tensor_parallel_size"] == 1
+    assert teacher["generate.workers"] <= 2 and teacher["generate.max_new_tokens"] == 16384 // 32
     assert (rcfg.rl.learning_rate, rcfg.midtrain.learning_rate) == (
         cfg.rl.learning_rate,
         cfg.midtrain.learning_rate,
@@ -203,7 +207,7 @@ def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
 REHEARSAL_ARMS = "polya_n2, distill_rl, incorrect_n4, budget_16x463, budget_1x7408"
 
 
-@pytest.mark.slow
+@pytest.mark.rehearsal
 def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rehearsal of configs/paper_llama3b.yaml: its arms (REHEARSAL_ARMS), evaluated and analysed, generation
     through the vllm back-end on Ray workers with fake GPUs, midtrain and rl on two processes; and

@@ -229,6 +229,25 @@ class _Builder:
             if trl.get("report_to") not in (None, "none", [], ["none"]):
                 _set(d, f"{sec}.trl.report_to", "none", self.subs)
         _set(d, "run.root", str(self.workdir / "runs"), self.subs)
+        self.arm_overrides()
+
+    def arm_overrides(self) -> None:
+        """Per-arm overrides get the same substitutions: token budgets scaled, workers capped at
+        the fake GPUs, one GPU per engine (the recipe's QwQ teacher asks for 4 per engine)."""
+        gpus, tokens = self.scale.fake_gpus, self.scale.tokens
+        for arm, over in self.data["experiment"]["overrides"].items():
+            for key, value in list(over.items()):
+                name = f"experiment.overrides.{arm}.{key}"
+                new = value
+                if key.endswith(("max_new_tokens", "max_completion_length")) and isinstance(value, int):
+                    new = max(MIN_TOKENS, value // tokens)
+                elif key.endswith(".workers") and isinstance(value, int):
+                    new = min(value, gpus)
+                elif key.endswith("backend.vllm") and isinstance(value, dict):
+                    new = {**value, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+                if new != value:
+                    over[key] = new
+                    self.subs.settings[name] = (value, new)
 
 
 def rehearsal_config(cfg: Config, workdir: Path, scale: Scale | None = None) -> tuple[Config, Substitutions]:
