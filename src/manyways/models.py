@@ -200,6 +200,23 @@ def load_model_and_tokenizer(
     return model, load_tokenizer(path)
 
 
+def tiny_shape(tok: Any) -> dict[str, Any]:
+    """The tiny random-weight test models' shape (2 layers, hidden 64) for tokenizer ``tok``:
+    used by :func:`build_tiny_model` and the rehearsal's stand-ins."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 def build_tiny_model(out_dir: Path | None = None, *, seed: int = 0) -> Path:
     """A 2-layer, hidden-64 random-weight Llama with the real SmolLM2 tokenizer (for tests)."""
     target = Path(out_dir) if out_dir else cache_dir() / "models" / _TINY_VERSION
@@ -213,17 +230,8 @@ def build_tiny_model(out_dir: Path | None = None, *, seed: int = 0) -> Path:
         gguf = _gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
+            **tiny_shape(tok),
             tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         )
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(tmp, safe_serialization=True)

@@ -95,18 +95,9 @@ def _model(family: str, tok: Any, dtype: str, seed: int, teach: bool = True) -> 
         Qwen2ForCausalLM,
     )
 
-    shape = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    from manyways.models import tiny_shape
+
+    shape = tiny_shape(tok)
     torch.manual_seed(seed)
     if family == "qwen2_chat":
         model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
