@@ -6,6 +6,7 @@ and GRPO run for real on the tiny random model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,12 @@ def test_grid_shares_work_resumes_and_invalidates_only_dependents(
     assert len(_stages(store, "select")) == 3  # n1, n2, budget
     assert len(_stages(store, "midtrain")) == 3 and len(_stages(store, "rl")) == 4
     assert len(_stages(store, "evaluate")) == 5  # base once + one per arm
+    # the judge's validity depends on the judge alone: labelled once, read by every analyze
+    assert len(_stages(store, "validity")) == 1 and len(_stages(store, "analyze")) == 5
+    validity = next(n for n in store if n.startswith("validity-"))
+    for name in _stages(store, "analyze"):
+        analysis = json.loads((cfg.run_dir / "stages" / name / "analysis.json").read_text())
+        assert analysis["judge_validity"]["stage_dir"] == validity
     assert (cfg.run_dir / "report.html").is_file() and "polya_n2 (mid)" in first["summary"]
     for arm in ("vanilla_rl", "polya_n1", "polya_n2", "budget_2x3"):
         assert (cfg.run_dir / "arms" / f"{arm}.json").is_file()
@@ -132,7 +139,12 @@ def test_arm_plans_follow_the_paper():
         None, ["experiment.arms=[polya_n2, polya_n8, budget_4x5]", "experiment.teacher_model=t"]
     )
     assert experiment.max_heuristics(cfg) == 8
-    assert [s.stage for s in experiment.arm_steps("vanilla_rl", cfg)] == ["rl", "evaluate", "analyze"]
+    assert [s.stage for s in experiment.arm_steps("vanilla_rl", cfg)] == [
+        "rl",
+        "evaluate",
+        "validity",
+        "analyze",
+    ]
     polya = {s.name: s for s in experiment.arm_steps("polya_n2", cfg)}
     assert polya["generate"].overrides["heuristics.n"] == 8  # shared generation, used as a subset
     assert polya["select"].overrides["select.heuristics"] == 2

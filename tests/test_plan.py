@@ -88,7 +88,7 @@ def test_plan_names_the_stage_directories_a_run_creates(tmp_path, monkeypatch):
             k: Path(v["dir"]).name for k, v in record["stages"].items()
         }
     shared = {r.dir for r in projected.runs.values() if r.shared}
-    assert {d.split("-")[0] for d in shared} == {"generate", "verify", "score"}
+    assert {d.split("-")[0] for d in shared} == {"generate", "verify", "score", "validity"}
     gen = next(r for r in projected.runs.values() if r.stage == "generate" and "polya_n1" in r.arms)
     assert set(gen.arms) == {"polya_n1", "polya_n2", "incorrect_rl", "budget_2x3"}
     # the plan's count is the number the run generated: 5 questions x 2 heuristics (polya_n2) x 2 samples
@@ -158,7 +158,10 @@ def test_plan_command_prints_without_running_or_loading(tmp_path, monkeypatch, c
     code = cli.main(["experiment", str(PAPER), "--plan", f"run.root={tmp_path}"])
     out = capsys.readouterr().out
     assert code == 0 and not any(tmp_path.iterdir())
-    assert "polya_n16: generate -> verify -> score -> select -> midtrain -> rl -> evaluate -> analyze" in out
+    assert (
+        "polya_n16: generate -> verify -> score -> select -> midtrain -> rl -> evaluate -> validity -> analyze"
+        in out
+    )
     assert "shared with" in out and "H100-hours" in out
 
 

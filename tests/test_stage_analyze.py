@@ -322,3 +322,36 @@ def test_catalogue_taxonomy_map_names_only_taxonomy_ids(tmp_path: Path) -> None:
     bad.write_text("map: {decompose: [no_such_id]}\n")
     with pytest.raises(ValueError, match="no_such_id"):
         known_taxonomy_ids(load_config(None, [f"analyze.catalogue_taxonomy_map={bad}"]), taxonomy)
+
+
+def test_validity_stage_is_what_analyze_would_compute_and_analyze_reads_it(
+    tmp_path: Path, stages: dict[str, Path]
+) -> None:
+    """The validity stage labels the exemplars once; an analyze given its output asks the judge
+    nothing about exemplars and reports the same validity as one that labels them itself."""
+    from manyways.stages import validity as validity_stage
+
+    inline = run_analyze(tmp_path / "inline", stages, JsonJudge())["analysis"]["judge_validity"]
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=run", "analyze.max_traces=5"])
+    vjudge = JsonJudge()
+    vdir = tmp_path / "run" / "validity"
+    manifest = validity_stage.run(cfg, vdir, show_progress=False, judge=vjudge)
+    saved = json.loads((vdir / "validity.json").read_text())
+    assert (
+        len(saved["exemplars"])
+        == len(vjudge.requests)
+        == inline["exemplars"]
+        == manifest["counts"]["exemplars"]
+    )
+    judge = JsonJudge()
+    out = tmp_path / "run" / "analyze"
+    analyze.run(cfg, out, inputs={**stages, "validity": vdir}, show_progress=False, judge=judge)
+    got = json.loads((out / "analysis.json").read_text())["judge_validity"]
+    assert got == {**inline, "stage_dir": "validity"}
+    exemplar_solutions = {r.messages[-1]["content"] for r in vjudge.requests}
+    assert not exemplar_solutions & {r.messages[-1]["content"] for r in judge.requests}
+    # the stage's address depends on the judge, not on the arm's other settings
+    other_arm = load_config(None, [f"run.root={tmp_path}", "run.name=run", "select.heuristics=1"])
+    other_judge = load_config(None, [f"run.root={tmp_path}", "run.name=run", "analyze.judge_model=x"])
+    assert validity_stage.stage_config(other_arm) == validity_stage.stage_config(cfg)
+    assert validity_stage.stage_config(other_judge) != validity_stage.stage_config(cfg)

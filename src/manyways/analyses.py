@@ -143,20 +143,13 @@ def generation_menu(cfg: Any) -> Taxonomy:
     return Taxonomy(catalogue.version, "generation heuristics", entries)
 
 
-def run_judged(
-    cfg: Any, eval_dir: Path, mid_traces: list[dict[str, Any]], judge: GenerationBackend | None
-) -> dict[str, Any]:
-    """Composition, judge validity and mode coverage, with one pass of the judge over all jobs."""
-    a = cfg.analyze
-    taxonomy = load_taxonomy(cfg.heuristics.taxonomy)
-    per_model, left_out = eval_traces(eval_dir, a.max_traces, cfg.run.seed, a.benchmarks)
-    ranked = sorted(
-        mid_traces, key=lambda t: unit_seed(cfg.run.seed, t["problem_id"], "composition", t["sample_idx"])
-    )
-    mid = ranked[: a.max_traces]
+def validity_job(cfg: Any, taxonomy: Taxonomy) -> tuple[JudgeJob, list[list[str]], list[str]]:
+    """The judge-validity job: the catalogue's exemplars (``analyze.validity_per_heuristic`` per
+    heuristic), the taxonomy ids that count as a hit for each, and the heuristics left out (no
+    taxonomy id known for them)."""
     catalogue = load_catalogue(cfg.heuristics.catalogue)
     mapping = known_taxonomy_ids(cfg, taxonomy)
-    per = a.validity_per_heuristic
+    per = cfg.analyze.validity_per_heuristic
     exemplars = [
         (h, ex)
         for h in catalogue.heuristics
@@ -164,12 +157,39 @@ def run_judged(
         if h.id in mapping or h.id in taxonomy.ids
     ]
     skipped = [h.id for h in catalogue.heuristics if h.id not in mapping and h.id not in taxonomy.ids]
-    jobs = [
-        JudgeJob(
-            "validity", taxonomy, [ex.solution for _, ex in exemplars], [ex.question for _, ex in exemplars]
-        ),
-        JudgeJob("mid_training", taxonomy, [t["trace"] for t in mid], [t["question"] for t in mid]),
-    ]
+    job = JudgeJob(
+        "validity", taxonomy, [ex.solution for _, ex in exemplars], [ex.question for _, ex in exemplars]
+    )
+    return job, [mapping.get(h.id, [h.id]) for h, _ in exemplars], skipped
+
+
+def validity_summary(
+    labels: list[ParsedLabels], known: list[list[str]], skipped: list[str]
+) -> dict[str, Any]:
+    return {**judge_validity(labels, known), "skipped_heuristics": skipped}
+
+
+def run_judged(
+    cfg: Any,
+    eval_dir: Path,
+    mid_traces: list[dict[str, Any]],
+    judge: GenerationBackend | None,
+    validity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Composition, judge validity and mode coverage, with one pass of the judge over all jobs.
+    ``validity``: the summary of a finished ``validity`` stage (else the exemplars are labelled
+    here, in the same pass)."""
+    a = cfg.analyze
+    taxonomy = load_taxonomy(cfg.heuristics.taxonomy)
+    per_model, left_out = eval_traces(eval_dir, a.max_traces, cfg.run.seed, a.benchmarks)
+    ranked = sorted(
+        mid_traces, key=lambda t: unit_seed(cfg.run.seed, t["problem_id"], "composition", t["sample_idx"])
+    )
+    mid = ranked[: a.max_traces]
+    jobs = [JudgeJob("mid_training", taxonomy, [t["trace"] for t in mid], [t["question"] for t in mid])]
+    if validity is None:
+        vjob, known, skipped = validity_job(cfg, taxonomy)
+        jobs.append(vjob)
     for model, rows in per_model.items():
         texts, qs = [r["completion"] for r in rows], [r["question"] for r in rows]
         jobs.append(JudgeJob(f"model:{model}", taxonomy, texts, qs))
@@ -179,8 +199,8 @@ def run_judged(
             texts, qs = [r["completion"] for r in rows], [r["question"] for r in rows]
             jobs.append(JudgeJob(f"modes:{model}", menu, texts, qs, max_labels=1))
     labels = _label(cfg, jobs, judge)
-    known = [mapping.get(h.id, [h.id]) for h, _ in exemplars]
-    validity = {**judge_validity(labels["validity"], known), "skipped_heuristics": skipped}
+    if validity is None:
+        validity = validity_summary(labels["validity"], known, skipped)
     reference = labels["mid_training"]
     composition: dict[str, Any] = {
         "judge_model": judge.model_id if judge is not None else (a.judge_model or cfg.model.name),

@@ -23,7 +23,18 @@ from manyways import __version__
 
 log = logging.getLogger("manyways")
 
-STAGES = ("generate", "verify", "score", "select", "midtrain", "rl", "evaluate", "analyze", "report")
+STAGES = (
+    "generate",
+    "verify",
+    "score",
+    "select",
+    "midtrain",
+    "rl",
+    "evaluate",
+    "validity",
+    "analyze",
+    "report",
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -60,6 +60,12 @@ class Step:
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> step name
 
 
+# the judge's validity on the catalogue's exemplars depends on the judge alone: one run serves the
+# base model and every arm (an arm that overrides a judge setting gets its own, by content address)
+VALIDITY = Step("validity", "validity", {})
+BASE_ANALYZE = Step("analyze", "analyze", {}, {"evaluate": "evaluate", "validity": "validity"})
+
+
 def parse_arm(arm: str) -> re.Match[str]:
     match = ARM_PATTERN.match(arm)
     if not match:
@@ -150,7 +156,8 @@ def arm_steps(arm: str, cfg: Config) -> list[Step]:
         return [
             Step("rl", "rl", {}),
             Step("evaluate", "evaluate", {"evaluate.include_base": False}, {"rl": "rl"}),
-            Step("analyze", "analyze", {}, {"evaluate": "evaluate"}),
+            VALIDITY,
+            Step("analyze", "analyze", {}, {"evaluate": "evaluate", "validity": "validity"}),
         ]
     return [
         *_data_steps(arm, cfg),
@@ -158,7 +165,8 @@ def arm_steps(arm: str, cfg: Config) -> list[Step]:
         Step("rl", "rl", {}, {"midtrain": "midtrain"}),
         # the mid-trained model before RL and the arm after RL, side by side
         Step("evaluate", "evaluate", {"evaluate.include_base": False}, {"midtrain": "midtrain", "rl": "rl"}),
-        Step("analyze", "analyze", {}, {"select": "select", "evaluate": "evaluate"}),
+        VALIDITY,
+        Step("analyze", "analyze", {}, {"select": "select", "evaluate": "evaluate", "validity": "validity"}),
     ]
 
 
@@ -243,9 +251,8 @@ class ExperimentRun:
             derive_config(self.cfg, {"evaluate.include_base": True}),
             done,
         )
-        done["analyze"] = self.run_step(
-            Step("analyze", "analyze", {}, {"evaluate": "evaluate"}), self.cfg, done
-        )
+        done["validity"] = self.run_step(VALIDITY, self.cfg, done)
+        done["analyze"] = self.run_step(BASE_ANALYZE, self.cfg, done)
         return done
 
 

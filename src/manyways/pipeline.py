@@ -28,7 +28,8 @@ INPUTS: dict[str, tuple[str, ...]] = {
     "midtrain": ("select",),
     "rl": ("midtrain",),
     "evaluate": ("midtrain", "rl"),
-    "analyze": ("select", "evaluate"),
+    "validity": (),
+    "analyze": ("select", "evaluate", "validity"),
     "report": ("evaluate", "analyze"),
 }
 # ... and those it cannot run without

@@ -33,7 +33,7 @@ from typing import Any
 from manyways.artifacts import stable_hash
 from manyways.config import Config, load_config
 from manyways.data.sources import GymSource, HubSource, HumanEvalSource, LocalSource, ProblemSource
-from manyways.experiment import Step, arm_steps, derive_config, parse_arm
+from manyways.experiment import BASE_ANALYZE, VALIDITY, Step, arm_steps, derive_config, parse_arm
 from manyways.pipeline import stage_module
 from manyways.plan_estimates import ASSUMPTIONS, Assumptions, Estimate, estimate_stage
 
@@ -225,9 +225,8 @@ class _Walker:
         done["evaluate"] = self.step(
             "base", evaluate, derive_config(self.cfg, {"evaluate.include_base": True}), done
         )
-        done["analyze"] = self.step(
-            "base", Step("analyze", "analyze", {}, {"evaluate": "evaluate"}), self.cfg, done
-        )
+        done["validity"] = self.step("base", VALIDITY, self.cfg, done)
+        done["analyze"] = self.step("base", BASE_ANALYZE, self.cfg, done)
 
     def arm(self, arm: str) -> None:
         done: dict[str, Path] = {}

@@ -248,10 +248,25 @@ def judge_budget(cfg: Config) -> int:
 
 def _analyze(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -> Estimate:
     an = cfg.analyze
-    judged = up["evaluate"].detail["models"] * an.max_traces if "evaluate" in up else 0
+    models = up["evaluate"].detail["models"] if "evaluate" in up else 0
+    # per model: composition labels, and mode labels (same traces); plus the mid-training traces
+    judged = models * an.max_traces * (2 if an.modes else 1) + (an.max_traces if "select" in up else 0)
     judge_model = an.judge_model or cfg.model.name
     tokens_in, out = judged * a.prompt_tokens_judge, judged * judge_budget(cfg)
     what = f"{judged:,} traces labelled by the composition judge; {', '.join(an.kernels)} diversity"
+    return Estimate(
+        what, judged, "traces", judged, tokens_in, out, _Cost(cfg, a).decode(judge_model, out, tokens_in)
+    )
+
+
+def _validity(cfg: Config, up: Mapping[str, Estimate], size: SizeOf, a: Assumptions) -> Estimate:
+    from manyways.analyses import validity_job
+    from manyways.heuristics import load_taxonomy
+
+    judged = len(validity_job(cfg, load_taxonomy(cfg.heuristics.taxonomy))[0].traces)
+    judge_model = cfg.analyze.judge_model or cfg.model.name
+    tokens_in, out = judged * a.prompt_tokens_judge, judged * judge_budget(cfg)
+    what = f"{judged:,} catalogue exemplars labelled by the composition judge (its validity)"
     return Estimate(
         what, judged, "traces", judged, tokens_in, out, _Cost(cfg, a).decode(judge_model, out, tokens_in)
     )
@@ -265,6 +280,7 @@ ESTIMATORS: dict[str, Callable[[Config, Mapping[str, Estimate], SizeOf, Assumpti
     "midtrain": _midtrain,
     "rl": _rl,
     "evaluate": _evaluate,
+    "validity": _validity,
     "analyze": _analyze,
 }
 

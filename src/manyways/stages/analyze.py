@@ -1,8 +1,10 @@
 """Stage ``analyze``: diversity of the mid-training data, yield per heuristic, heuristic composition.
 
-Inputs: ``inputs["select"]`` (the mid-training rows ``train.parquet``, ``schema.SFT_SCHEMA``) and
-``inputs["evaluate"]`` (the evaluated traces of each model); either may be absent, and the part
-that needs it is then skipped with a note.
+Inputs: ``inputs["select"]`` (the mid-training rows ``train.parquet``, ``schema.SFT_SCHEMA``),
+``inputs["evaluate"]`` (the evaluated traces of each model) and ``inputs["validity"]`` (the
+judge's validity on the catalogue's exemplars, :mod:`manyways.stages.validity`, computed once
+per judge for every arm); either of the first two may be absent, and the part that needs it is
+then skipped with a note; without the third, the exemplars are labelled here.
 
 - Vendi scores of the mid-training traces, for each kernel in ``cfg.analyze.kernels``: overall,
   per problem (mean over problems with >= 2 traces) and per heuristic; the kernel is recorded.
@@ -197,7 +199,7 @@ def run(
     judge: GenerationBackend | None = None,
 ) -> dict[str, Any]:
     """Run the stage into ``out_dir``; ``judge`` replaces the configured judge back-end (tests)."""
-    inputs = {k: Path(v) for k, v in (inputs or {}).items() if k in ("select", "evaluate")}
+    inputs = {k: Path(v) for k, v in (inputs or {}).items() if k in ("select", "evaluate", "validity")}
     stage = StageDir(out_dir, STAGE, stage_config(cfg), inputs)
     if stage.open(overwrite):
         log.info("%s already finished: %s", STAGE, out_dir)
@@ -217,13 +219,23 @@ def run(
         analysis["modes"] = {"per_model": {}, "note": note}
     else:
         started = time.perf_counter()
-        analysis.update(run_judged(cfg, eval_dir, traces, judge))
+        validity = _validity(inputs.get("validity"))
+        analysis.update(run_judged(cfg, eval_dir, traces, judge, validity))
         analysis["judge_wall_s"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out_dir / "analysis.json", analysis)
     counts = _counts(analysis)
     manifest = stage.finish(counts)
     append_metrics(out_dir.parent, STAGE, {**counts, "wall_s": manifest["wall_s"]})
     return manifest
+
+
+def _validity(validity_dir: Path | None) -> dict[str, Any] | None:
+    """The judge-validity summary of a finished ``validity`` stage (None: label here)."""
+    if validity_dir is None:
+        return None
+    read_manifest(validity_dir)  # refuses an unfinished stage
+    summary = json.loads((validity_dir / "validity.json").read_text())["summary"]
+    return {**summary, "stage_dir": validity_dir.name}
 
 
 def _counts(analysis: dict[str, Any]) -> dict[str, Any]:
