@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from manyways.config import load_config
+from manyways.models import TINY_POSITIONS
 from manyways.rehearsal import engine as engine_mod
 from manyways.rehearsal.engine import LLM, SamplingParams, TokensPrompt
 
@@ -66,6 +67,8 @@ def test_engine_refuses_unknown_args_missing_gpus_and_a_taken_gpu(
         LLM(model=str(llama_dir), gpu_memory_utilisation=0.9)
     with pytest.raises(RuntimeError, match="tensor_parallel_size=2"):
         LLM(model=str(llama_dir), tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match="pipeline_parallel_size=2 needs 2 GPUs"):
+        LLM(model=str(llama_dir), pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(model=str(llama_dir), max_model_len=10**6)
     first = LLM(model=str(llama_dir), gpu_memory_utilization=0.9)
@@ -175,7 +178,18 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
     assert all(kept[b] for b in rcfg.analyze.benchmarks)
     # per-arm overrides fit the fake cluster too: the QwQ teacher's 4-GPU engines and 16K tokens
     teacher = rcfg.experiment.overrides["distill_rl"]
-    assert teacher["generate.backend.vllm"]["tensor_parallel_size"] == 1
+    real_engine = cfg.experiment.overrides["distill_rl"]["generate.backend.vllm"]
+    assert real_engine["tensor_parallel_size"] > 1 and real_engine["max_model_len"] > TINY_POSITIONS
+    # the engine options vLLM's LLM would be given: one GPU, the stand-ins' context, nothing added
+    assert teacher["generate.backend.vllm"] == {
+        **real_engine,
+        "tensor_parallel_size": 1,
+        "max_model_len": TINY_POSITIONS,
+    }
+    assert set(teacher["generate.backend.vllm"]) <= engine_mod.ENGINE_ARGS
+    for section in ("generate", "evaluate"):
+        engine = getattr(rcfg, section).backend.vllm
+        assert engine.get("max_model_len", 0) <= TINY_POSITIONS and engine.get("tensor_parallel_size", 1) == 1
     assert teacher["generate.workers"] <= 2 and teacher["generate.max_new_tokens"] == 16384 // 32
     assert (rcfg.rl.learning_rate, rcfg.midtrain.learning_rate) == (
         cfg.rl.learning_rate,

@@ -200,6 +200,9 @@ def load_model_and_tokenizer(
     return model, load_tokenizer(path)
 
 
+TINY_POSITIONS = 4096  # the tiny models' context (the rehearsal caps vLLM's max_model_len at it)
+
+
 def tiny_shape(tok: Any) -> dict[str, Any]:
     """The tiny random-weight test models' shape (2 layers, hidden 64) for tokenizer ``tok``:
     used by :func:`build_tiny_model` and the rehearsal's stand-ins."""
@@ -210,7 +213,7 @@ def tiny_shape(tok: Any) -> dict[str, Any]:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=TINY_POSITIONS,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -36,6 +36,7 @@ ENGINE_ARGS = {
     "enable_prefix_caching",
     "gpu_memory_utilization",
     "tensor_parallel_size",
+    "pipeline_parallel_size",
     "max_model_len",
     "seed",
     "trust_remote_code",
@@ -163,13 +164,15 @@ class LLM:
         if not 0 < util <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
         tp = int(engine_args.get("tensor_parallel_size", 1))
+        pp = int(engine_args.get("pipeline_parallel_size", 1))
         gpus = _visible_gpus()
-        if len(gpus) < tp:
+        if len(gpus) < tp * pp:
             raise RuntimeError(
-                f"tensor_parallel_size={tp} needs {tp} GPUs but this process sees {len(gpus)} "
+                f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs {tp * pp} GPUs but "
+                f"this process sees {len(gpus)} "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
             )
-        self.gpus = gpus[:tp]
+        self.gpus = gpus[: tp * pp]
         self._claim = _GpuClaim(self.gpus)
         self._claim.take(util)
         try:

@@ -19,7 +19,10 @@ the returned :class:`Substitutions` (printed, and written to ``rehearsal.json``)
    budget arms' arithmetic rests, never are);
 5. the cluster: ``workers`` of every Ray-executed stage capped at the declared fake GPUs;
    ``ray_address`` cleared (the rehearsal starts its own local cluster);
-6. what has no CPU form: ``rl.use_vllm`` off (TRL's colocated vLLM needs CUDA), ``report_to``
+6. vLLM engine options (the sections' and the per-arm overrides'): one GPU per engine
+   (``tensor_parallel_size`` / ``pipeline_parallel_size`` 1), ``max_model_len`` capped at the
+   stand-ins' context;
+7. what has no CPU form: ``rl.use_vllm`` off (TRL's colocated vLLM needs CUDA), ``report_to``
    none (no wandb account), reward-model/device fields left to pick the CPU.
 
 Everything else -- arms, heuristics, seeds, learning rates, batch sizes, TRL options, epochs,
@@ -37,7 +40,7 @@ from typing import Any
 from manyways.config import Config, config_from_dict
 from manyways.data.sources import HubSource
 from manyways.experiment import parse_arm
-from manyways.models import DEFAULT_MODEL
+from manyways.models import DEFAULT_MODEL, TINY_POSITIONS
 from manyways.rehearsal.data import real_size, write_hub_file
 from manyways.rehearsal.models import build_stand_in, family_for
 
@@ -221,6 +224,10 @@ class _Builder:
                     _set(d, f"{name}.workers", min(sec["workers"], self.scale.fake_gpus), self.subs)
                 if sec.get("ray_address"):
                     _set(d, f"{name}.ray_address", None, self.subs)
+            for field_name in ("backend", "judge_backend"):
+                engine = sec.get(field_name, {}).get("vllm") if isinstance(sec, dict) else None
+                if isinstance(engine, dict):
+                    _set(d, f"{name}.{field_name}.vllm", _engine_fits(engine), self.subs)
         _set(d, "rl.use_vllm", False, self.subs)
         for sec in ("midtrain", "rl"):
             trl = d[sec]["trl"]
@@ -244,10 +251,19 @@ class _Builder:
                 elif key.endswith(".workers") and isinstance(value, int):
                     new = min(value, gpus)
                 elif key.endswith("backend.vllm") and isinstance(value, dict):
-                    new = {**value, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+                    new = _engine_fits(value)
                 if new != value:
                     over[key] = new
                     self.subs.settings[name] = (value, new)
+
+
+def _engine_fits(engine: dict[str, Any]) -> dict[str, Any]:
+    """vLLM engine options cut to the fake cluster: one GPU per engine, a context no longer than
+    the stand-ins' (the prompts are not scaled, so max_model_len is capped, not divided)."""
+    out = {**engine, **{k: 1 for k in ("tensor_parallel_size", "pipeline_parallel_size") if k in engine}}
+    if out.get("max_model_len"):
+        out["max_model_len"] = min(int(out["max_model_len"]), TINY_POSITIONS)
+    return out
 
 
 def rehearsal_config(cfg: Config, workdir: Path, scale: Scale | None = None) -> tuple[Config, Substitutions]:
