@@ -48,7 +48,8 @@ from manyways.artifacts import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from manyways.backends.config import BackendConfig, make_backend
+from manyways.backends import config as backend_config
+from manyways.backends.config import BackendConfig
 from manyways.backends.protocol import GenerationBackend, GenRequest, GenSample
 from manyways.config import EXECUTOR_KEYS, Config
 from manyways.data.contamination import contamination_counts, count_excluded, decontaminate_into
@@ -293,7 +294,8 @@ class EvaluateWorker:
         from manyways.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
-        self.factory = factory or make_backend
+        # looked up at call time: a name bound at import would keep whatever was patched then
+        self.factory = factory or backend_config.make_backend
         self.path: str | None = None
         self.backend: GenerationBackend | None = None
 
