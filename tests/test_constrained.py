@@ -74,3 +74,37 @@ def test_tiny_random_model_always_answers_in_the_schema(tiny_model_dir: Path) ->
         assert sample.finish_reason == "stop"
     unconstrained = out[2][0].text
     assert parse_labels(unconstrained, taxonomy.ids).error is not None  # random weights: no JSON
+
+
+def test_each_sample_gets_its_own_matcher_from_one_compilation(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema's grammar is compiled once per tokenizer; every matcher handed out starts at the
+    beginning and advancing one does not advance another."""
+    import llguidance
+
+    from manyways.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    compiled: list[str] = []
+
+    class CountingMatcher:  # llguidance.LLMatcher, counting compilations (constructor calls)
+        def __call__(self, tok, grammar):  # type: ignore[no-untyped-def]
+            compiled.append(grammar)
+            return real(tok, grammar)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+    real = llguidance.LLMatcher
+    monkeypatch.setattr(llguidance, "LLMatcher", CountingMatcher())
+    c = constrained.SchemaConstraint(tokenizer, {tokenizer.eos_token_id}, len(tokenizer))
+    schema = judge_schema(load_taxonomy().ids)
+    first, second = c.matcher(schema), c.matcher(schema)
+    assert len(compiled) == 1
+    for token in tokenizer.encode('["decompose"]', add_special_tokens=False):
+        c.advance(first, token)
+    assert first.is_accepting() and not second.is_accepting()
+    opening = tokenizer.encode("[", add_special_tokens=False)[0]
+    assert second.consume_token(opening)  # still at the start of an answer
+    assert not c.matcher(schema).is_accepting() and len(compiled) == 1
