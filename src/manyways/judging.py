@@ -2,7 +2,8 @@
 
 A *job* is a list of traces to label against one menu (the 64-heuristic taxonomy for composition
 and judge validity, or the n generation heuristics for mode assignment, one id per answer). Jobs
-are cut into shards of ``analyze.judge_shard_size`` traces and run through
+with the same menu are pooled (their prompts share the menu as a prefix, prefilled once per
+batch), and each pool is cut into shards of ``analyze.judge_shard_size`` traces and run through
 :func:`manyways.executor.map_shards` with the ``analyze`` section's executor settings: the worker
 builds the judge back-end once (one model load per worker / Ray actor) and labels its shards; the
 driver collects the labels in order. A judge back-end passed in (tests, or a caller that already
@@ -81,25 +82,45 @@ def _make_worker(cfg_dict: dict[str, Any], backend: GenerationBackend | None) ->
     return JudgeWorker(cfg_dict, backend)
 
 
+def _streams(jobs: list[JudgeJob]) -> list[tuple[JudgeJob, list[tuple[str, int]]]]:
+    """Jobs with the same menu and label count pooled into one stream (in job order), so their
+    shards fill the judge's batches and the menu prefix is prefilled once per batch instead of
+    once per job; each stream lists (job name, trace count) to split the labels back."""
+    pooled: dict[tuple[Any, int], tuple[JudgeJob, list[tuple[str, int]]]] = {}
+    for job in jobs:
+        key = (job.menu, job.max_labels)
+        if key not in pooled:
+            pooled[key] = (JudgeJob(job.name, job.menu, [], [], job.max_labels), [])
+        stream, parts = pooled[key]
+        stream.traces.extend(job.traces)
+        stream.questions.extend(job.questions)
+        parts.append((job.name, len(job.traces)))
+    return list(pooled.values())
+
+
 def run_jobs(
     cfg: Any, jobs: list[JudgeJob], judge: GenerationBackend | None = None
 ) -> dict[str, list[ParsedLabels]]:
-    """Labels of every job, in trace order. ``judge`` given: all shards run here with it."""
+    """Labels of every job, in trace order. ``judge`` given: all shards run here with it.
+
+    Jobs that share a menu are pooled and cut into shards of ``analyze.judge_shard_size``
+    traces; a trace's sampling seed depends on its place in its pool (the judge is greedy by
+    default, where seeds do not matter)."""
     a = cfg.analyze
+    streams = _streams(jobs)
     items: list[tuple[int, dict[str, Any]]] = []
-    owners: list[tuple[str, int]] = []
-    for job in jobs:
-        for start in range(0, len(job.traces), a.judge_shard_size):
+    for s, (stream, _) in enumerate(streams):
+        for start in range(0, len(stream.traces), a.judge_shard_size):
             stop = start + a.judge_shard_size
             shard = {
-                "menu": job.menu,
-                "traces": job.traces[start:stop],
-                "questions": job.questions[start:stop],
-                "max_labels": job.max_labels,
+                "menu": stream.menu,
+                "traces": stream.traces[start:stop],
+                "questions": stream.questions[start:stop],
+                "max_labels": stream.max_labels,
                 "offset": start,
+                "stream": s,
             }
             items.append((len(items), shard))
-            owners.append((job.name, start))
     results: dict[int, list[ParsedLabels]] = {}
     executor = "local" if judge is not None else a.executor
     map_shards(
@@ -112,7 +133,13 @@ def run_jobs(
         ray_num_cpus=a.ray_num_cpus,
         num_gpus=backend_gpus(a.judge_backend),
     )
-    out: dict[str, list[ParsedLabels]] = {job.name: [] for job in jobs}
-    for index, (name, _) in enumerate(owners):
-        out[name].extend(results[index])
+    labels: list[list[ParsedLabels]] = [[] for _ in streams]
+    for index, shard in items:
+        labels[shard["stream"]].extend(results[index])
+    out: dict[str, list[ParsedLabels]] = {}
+    for (_, parts), got in zip(streams, labels, strict=True):
+        start = 0
+        for name, count in parts:
+            out[name] = got[start : start + count]
+            start += count
     return out
