@@ -275,3 +275,29 @@ def test_report_puts_each_step_beside_the_real_runs_projection() -> None:
     assert "real: 478,272 samples, 191,000,000 tokens out, 7.1 GPU-h (shared by 2 arms)" in line
     assert text.rstrip().endswith("TOTAL 500 GPU-h")
     assert "not available" in format_report(Substitutions(), ran, None)
+
+
+@pytest.mark.slow
+def test_training_ranks_are_started_once_for_many_stages_and_a_failure_names_the_stage(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The rehearsal's 2-process training: the ranks run stage after stage without restarting;
+    a stage that fails ends them with an error naming it and the log's tail; the next stage starts
+    new ranks; close() ends them."""
+    from manyways.rehearsal.run import AccelerateStages
+    from test_stage_midtrain import make_select_dir, sft_row, tiny_cfg
+
+    select = make_select_dir(tmp_path / "run", [sft_row(i) for i in range(4)])
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "midtrain.max_steps=1", "midtrain.batch_size=1")
+    with AccelerateStages(tmp_path / "w", env) as ranks:
+        for name in ("a", "b"):
+            manifest = ranks("midtrain", cfg, tmp_path / name, {"select": select}, False, False)
+            assert manifest["counts"]["global_step"] == 1 and (tmp_path / name / "model").is_dir()
+        assert ranks.starts == 1 and ranks.launched == ["a", "b"]
+        with pytest.raises(RuntimeError, match=r"midtrain \(c\) on 2 processes failed \(exit"):
+            ranks("midtrain", cfg, tmp_path / "c", {"select": tmp_path / "missing"}, False, False)
+        ranks("midtrain", cfg, tmp_path / "d", {"select": select}, False, False)
+        assert ranks.starts == 2
+    assert ranks._proc is None and (tmp_path / "w" / "launch" / "queue-2" / "stop").exists()

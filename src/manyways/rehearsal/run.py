@@ -4,8 +4,9 @@
   :mod:`manyways.backends.vllm` on the engine stand-in (a ``vllm`` package put first on the
   path of this process and of the Ray workers only), Ray on a local cluster started here with
   ``num_cpus=2`` and ``scale.fake_gpus`` declared GPUs;
-- midtrain and rl: two processes per stage (``torch.distributed.run`` with ``ACCELERATE_USE_CPU``,
-  which is what ``accelerate launch``'s multi-process launcher runs; gloo);
+- midtrain and rl: on two processes (``torch.distributed.run`` with ``ACCELERATE_USE_CPU``,
+  which is what ``accelerate launch``'s multi-process launcher runs; gloo), started once and kept
+  for every training stage of the rehearsal;
 - every arm of ``experiment.arms``, evaluation and analysis, then a table of what ran and of
   the real run's projected size.
 
@@ -20,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,11 +91,30 @@ def local_ray(fake_gpus: int) -> Iterator[None]:
 
 
 class AccelerateStages:
-    """Runs midtrain and rl as ``accelerate launch --num_processes N --cpu``; others in-process."""
+    """Runs midtrain and rl on N processes (``torch.distributed.run`` with ``ACCELERATE_USE_CPU``,
+    what ``accelerate launch --num_processes N`` runs); the other stages in-process.
 
-    def __init__(self, workdir: Path, env: dict[str, str], processes: int = 2) -> None:
-        self.workdir, self.env, self.processes = workdir / "launch", env, processes
+    The ranks are started once and kept for every training stage (``launch --serve``): each stage
+    is a spec file in their queue, finished when rank 0 marks it done. A stage that fails ends the
+    ranks; the error names the stage and shows the log's tail, and the next stage starts new ones.
+    Call :meth:`close` at the end (a context manager does)."""
+
+    def __init__(
+        self, workdir: Path, env: dict[str, str], processes: int = 2, timeout_s: float = 3600
+    ) -> None:
+        self.workdir, self.env, self.processes, self.timeout_s = workdir / "launch", env, processes, timeout_s
         self.launched: list[str] = []
+        self.starts = 0  # how many times the ranks were started
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._queue: Path | None = None
+        self._next = 0
+        self._log: Path | None = None
+
+    def __enter__(self) -> AccelerateStages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __call__(
         self,
@@ -110,8 +131,10 @@ class AccelerateStages:
             return stage_module(stage).run(
                 cfg, out, inputs=inputs, overwrite=overwrite, show_progress=show_progress
             )
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        spec = self.workdir / f"{out.name}.json"
+        queue = self._ranks()
+        spec = queue / f"{self._next:04d}.json"
+        self._next += 1
+        log.info("== %s on the %d training processes -> %s (log %s)", stage, self.processes, spec, self._log)
         write_json_atomic(
             spec,
             {
@@ -122,25 +145,67 @@ class AccelerateStages:
                 "overwrite": overwrite,
             },
         )
+        self._wait(spec.with_suffix(".done"), f"{stage} ({out.name})")
+        self.launched.append(out.name)
+        return read_manifest(out)
+
+    def _ranks(self) -> Path:
+        """The running ranks' queue, starting them when none are running."""
+        if self._proc is not None and self._proc.poll() is None and self._queue is not None:
+            return self._queue
+        self.starts += 1
+        self._queue = self.workdir / f"queue-{self.starts}"
+        self._queue.mkdir(parents=True, exist_ok=True)
+        self._log = self.workdir / f"ranks-{self.starts}.log"
+        self._next = 0
         # `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher) in
         # accelerate 1.x; its multi-process launcher is torch.distributed.run, used here directly
         # with ACCELERATE_USE_CPU so that accelerate sets up gloo across the two ranks.
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(self.processes), "-m", "manyways.rehearsal.launch", str(spec),
+            "--nproc_per_node", str(self.processes), "-m", "manyways.rehearsal.launch",
+            "--serve", str(self._queue),
         ]  # fmt: skip
-        logfile = self.workdir / f"{out.name}.log"
-        log.info("== %s on %d processes (torch.distributed.run, gloo) -> %s", stage, self.processes, logfile)
-        with open(logfile, "w") as f:
-            env = {**self.env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-        if rc != 0:
-            tail = "".join(logfile.read_text().splitlines(keepends=True)[-30:])
-            raise RuntimeError(
-                f"{stage} on {self.processes} processes failed (exit {rc}); log {logfile}:\n{tail}"
-            )
-        self.launched.append(out.name)
-        return read_manifest(out)
+        env = {**self.env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        with open(self._log, "wb") as f:
+            self._proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        log.info(
+            "started %d training processes (torch.distributed.run, gloo), log %s", self.processes, self._log
+        )
+        return self._queue
+
+    def _wait(self, done: Path, what: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        assert self._proc is not None and self._log is not None
+        while not done.exists():
+            rc = self._proc.poll()
+            if rc is not None or time.monotonic() > deadline:
+                if rc is None:
+                    self._stop(kill=True)
+                tail = "".join(self._log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+                why = f"exit {rc}" if rc is not None else f"no answer in {self.timeout_s:.0f} s"
+                raise RuntimeError(
+                    f"{what} on {self.processes} processes failed ({why}); log {self._log}:\n{tail}"
+                )
+            time.sleep(0.2)
+
+    def _stop(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if kill:
+            self._proc.kill()
+        elif self._queue is not None:
+            (self._queue / "stop").touch()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        """End the training processes (they finish the stage they are running first)."""
+        self._stop()
 
 
 def ran_counts(cfg: Config, summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -248,8 +313,10 @@ def rehearse(
     rcfg, subs = rehearsal_config(cfg, workdir, scale)
     write_json_atomic(workdir / "rehearsal_substitutions.json", subs.to_dict())
     with rehearsal_environment(workdir, scale.fake_gpus) as train_env, local_ray(scale.fake_gpus):
-        runner = AccelerateStages(workdir, train_env)
-        result = run_experiment(rcfg, overwrite=overwrite, show_progress=show_progress, stage_runner=runner)
+        with AccelerateStages(workdir, train_env) as runner:
+            result = run_experiment(
+                rcfg, overwrite=overwrite, show_progress=show_progress, stage_runner=runner
+            )
     ran = ran_counts(rcfg, result)
     report = format_report(subs, ran, real_projection(cfg))
     summary = {
