@@ -1,7 +1,11 @@
 """Figures 1-3 and 5: the ``hf`` back-end against a plain transformers ``generate`` loop.
 
 1. generation tokens/s, ``HFBackend`` (project dtype choice, prefix sharing) / plain fp32
-   ``generate`` with ``num_return_sequences``, same model, prompts and token limit;
+   ``generate`` with ``num_return_sequences``, same model, prompts and token limit; its details
+   include the share of the decode bound the back-end's decode steps reach (``bounds.bound_share``);
+1b. the same, over the best plain usage a knowledgeable user would write: the model in the dtype
+   ``dtype: auto`` picks for generation on this machine, every prompt in one left-padded batch,
+   ``num_return_sequences`` (timed ABAB with 1's variants; reported, no target);
 2. prefill tokens computed / prompt tokens submitted on 16 problems x 4 heuristics x 8 samples
    (the plain loop's ratio is counted with a forward hook on the same model);
 3. decode tokens/s at ~1.1K tokens of context / at ~128, for both, plus the fraction of the
@@ -19,14 +23,14 @@ import time
 from typing import Any
 
 import torch
-from bounds import ModelShape, decode_step_bound_s
+from bounds import ModelShape, StepRows, bound_share, decode_step_bound_s, decode_step_parts_rows_s
 from common import Figure, interleave, median_spread, meets, ratio_samples, timed
 from workloads import heuristic_prompts, long_context_messages, prompt_length
 
 from manyways.backends.config import BackendConfig
 from manyways.backends.hf import HFBackend
 from manyways.backends.protocol import GenRequest
-from manyways.dtype_auto import decisions_since
+from manyways.dtype_auto import decisions_since, resolve_auto_dtype
 from manyways.models import DEFAULT_MODEL, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -123,29 +127,65 @@ def plain_generate(
     }
 
 
+def step_rows(rows: list[Any]) -> StepRows:
+    """The unfinished rows of a decode step (``HFBackend``'s ``_Row``s): context = prompt + tokens
+    generated so far (the one fed in this step included), prompt = the request."""
+    live = [r for r in rows if r.finish is None]
+    return StepRows(
+        tuple(r.prompt_tokens + len(r.tokens) for r in live),
+        tuple(id(r.request) for r in live),
+        tuple(r.prompt_tokens for r in live),
+    )
+
+
 def backend_generate(
     backend: HFBackend, messages: list[list[dict[str, str]]], samples: int, max_new_tokens: int
 ) -> dict[str, Any]:
-    """The project's back-end on the same prompts; decode time measured around ``_decode``."""
+    """The project's back-end on the same prompts (seeds ``1000 * i + j``, temperature 0.7)."""
     requests = [
         GenRequest(f"r{i}", m, tuple(range(1000 * i, 1000 * i + samples)), max_new_tokens, 0.7)
         for i, m in enumerate(messages)
     ]
-    clock = {"decode_s": 0.0}
-    inner = HFBackend._decode.__get__(backend)
+    return backend_run(backend, requests)
 
-    def decode(*args: Any) -> None:
+
+def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any]:
+    """``backend.generate(requests)``; decode time measured around ``_decode``, and the rows of
+    every decode-step forward recorded (``steps``: :class:`bounds.StepRows`) for the bound."""
+    clock = {"decode_s": 0.0}
+    steps: list[StepRows] = []
+    stamps: list[float] = []  # when each decode-step forward started
+    step_s: list[float] = []  # each step's time: its forward and the next token's selection
+    live: list[Any] = []  # the rows of the decode in progress (empty during prefill)
+    inner_decode = HFBackend._decode.__get__(backend)
+    inner_forward = HFBackend._forward.__get__(backend)
+
+    def decode(rows: list[Any], *args: Any) -> None:
+        live[:] = rows
+        stamps.clear()
         t0 = time.perf_counter()
-        inner(*args)
-        clock["decode_s"] += time.perf_counter() - t0
+        try:
+            inner_decode(rows, *args)
+        finally:
+            end = time.perf_counter()
+            clock["decode_s"] += end - t0
+            step_s.extend(b - a for a, b in zip(stamps, [*stamps[1:], end], strict=True))
+            live.clear()
+
+    def forward(ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        if live:
+            steps.append(step_rows(live))
+            stamps.append(time.perf_counter())
+        return inner_forward(ids, *args)
 
     backend._decode = decode  # type: ignore[method-assign]
+    backend._forward = forward  # type: ignore[method-assign]
     before = (backend.stats.decode_tokens, backend.stats.prefill_tokens_computed)
     before_submitted = backend.stats.prompt_tokens_submitted
     try:
         wall, results = timed(lambda: backend.generate(requests))
     finally:
-        del backend._decode
+        del backend._decode, backend._forward
     samples_out = [s for r in results for s in r]
     return {
         "wall_s": wall,
@@ -155,6 +195,117 @@ def backend_generate(
         "prompt_submitted": backend.stats.prompt_tokens_submitted - before_submitted,
         "decode_s": clock["decode_s"],
         "decode_tokens": backend.stats.decode_tokens - before[0],
+        "steps": steps,
+        "step_s": step_s,
+    }
+
+
+def decode_bound_shares(backend: HFBackend, runs: list[dict[str, Any]], bounds: dict) -> dict[str, Any]:
+    """The share of the decode bound reached by ``runs`` of ``backend_run`` (median over runs):
+    the shared-prefix bound (each prompt's KV read once per step) when the back-end decodes with
+    cascade attention, else the replicated one; both are reported, with the mean step times."""
+    shape = ModelShape.of(backend.model)
+    peak = bounds["peak_bf16_flops"] if shape.bytes_per_param == 2 else bounds["peak_fp32_flops"]
+    args = (peak, bounds["read_bandwidth_bytes_s"], backend.kv_dtype.itemsize)
+    shares: dict[str, list[float]] = {"shared_prefix": [], "replicated": []}
+    for run in runs:
+        for kind in shares:
+            shares[kind].append(
+                bound_share(shape, run["steps"], run["decode_s"], *args, kind == "shared_prefix")
+            )
+    steps = [len(r["steps"]) for r in runs]
+    rows = [len(s.contexts) for r in runs for s in r["steps"]]
+    used = "shared_prefix" if backend.cascade else "replicated"
+    parts = [decode_step_parts_rows_s(shape, s, *args, used == "shared_prefix") for s in runs[0]["steps"]]
+    compute, memory = sum(c for c, _ in parts), sum(m for _, m in parts)
+    return {
+        **bound_share_by_rows(shape, runs[0], args, used == "shared_prefix"),
+        "decode_fraction_of_bound": median_spread(shares[used])[0],
+        "decode_bound_kind": used,
+        "decode_fraction_of_shared_prefix_bound": median_spread(shares["shared_prefix"])[0],
+        "decode_fraction_of_replicated_bound": median_spread(shares["replicated"])[0],
+        "decode_fraction_of_bound_per_repeat": shares[used],
+        "decode_steps": steps,
+        "decode_step_s": [r["decode_s"] / max(1, n) for r, n in zip(runs, steps, strict=True)],
+        "decode_rows_per_step_mean": sum(rows) / max(1, len(rows)),
+        "decode_rows_per_step_max": max(rows, default=0),
+        "decode_peak_flops": peak,
+        # the first run's bound, summed over its steps: which limit binds, and the bound's time
+        "decode_bound_compute_s": compute,
+        "decode_bound_memory_s": memory,
+        "decode_bound_limited_by": "compute" if compute >= memory else "memory",
+    }
+
+
+def bound_share_by_rows(shape: ModelShape, run: dict[str, Any], args: tuple, shared: bool) -> dict[str, Any]:
+    """The bound share of ``run``'s steps with at least half its first step's rows and of the others
+    (finished rows leave the batch: the tail decodes a few rows), from the per-step times."""
+    if not run["steps"]:
+        return {}
+    half = len(run["steps"][0].contexts) / 2
+    out: dict[str, Any] = {}
+    for name, keep in (("wide", lambda n: n >= half), ("narrow", lambda n: n < half)):
+        picked = [(s, t) for s, t in zip(run["steps"], run["step_s"], strict=True) if keep(len(s.contexts))]
+        if picked:
+            took = sum(t for _, t in picked)
+            out[f"decode_{name}_steps"] = len(picked)
+            out[f"decode_{name}_s"] = took
+            out[f"decode_{name}_fraction_of_bound"] = bound_share(
+                shape, [s for s, _ in picked], took, *args, shared
+            )
+    return out
+
+
+def load_best_plain(model_id: str = DEFAULT_MODEL, decide: Any = resolve_auto_dtype) -> tuple[Any, Any, dict]:
+    """The best plain usage's model and tokenizer: the model in the dtype the project's
+    ``dtype: auto`` picks for generation on this machine (``decide("generation", model_id)``: the
+    faster of bf16 and fp32, measured; the decision record is returned), the tokenizer padding on
+    the left (a pad token set to EOS if it has none)."""
+    dtype, record = decide("generation", model_id)
+    model, tokenizer = load_model_and_tokenizer(model_id, dtype=dtype)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    keep = (
+        "workload",
+        "dtype",
+        "reason",
+        "bf16_over_fp32_median_ratio",
+        "rates_flops",
+        "measured_at",
+        "cached",
+    )
+    return model.eval(), tokenizer, {k: record[k] for k in keep if k in record}
+
+
+def best_plain_generate(
+    model: Any, tokenizer: Any, messages: list[list[dict[str, str]]], samples: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """The best plain usage: every prompt in one left-padded batch, one ``model.generate`` with
+    ``num_return_sequences``; useful tokens counted as in :func:`plain_generate`."""
+    start = time.perf_counter()  # tokenizing included, as in the other variants
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=0.7,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    wall = time.perf_counter() - start
+    new = out[:, batch["input_ids"].shape[1] :]
+    counts = useful_tokens(new, {int(tokenizer.eos_token_id)})
+    return {
+        "wall_s": wall,
+        "tokens": sum(counts),
+        "texts": [
+            tokenizer.decode(r[:c], skip_special_tokens=True) for r, c in zip(new, counts, strict=True)
+        ],
+        "rows": int(out.shape[0]),
     }
 
 
@@ -176,21 +327,32 @@ def verify_seconds(problems: list[Any], texts: list[str]) -> float:
 
 
 def figures_1_2_5(
-    backend: HFBackend, plain: Any, tokenizer: Any, repeats: int, sizes: dict[str, int]
+    backend: HFBackend,
+    plain: Any,
+    tokenizer: Any,
+    repeats: int,
+    sizes: dict[str, int],
+    bounds: dict | None = None,
+    best_plain: tuple[Any, Any, dict] | None = None,
 ) -> list[Figure]:
-    """Throughput of the back-end vs the plain loop (1), prefill ratio (2), verify share (5)."""
+    """Throughput of the back-end vs the plain loop (1) and vs the best plain usage (1b, when
+    ``best_plain`` = :func:`load_best_plain`'s result is given), prefill ratio (2), verify share (5).
+    With ``bounds``, figure 1's details include the decode's share of the bound."""
     prompts = heuristic_prompts(sizes["fig1_problems"], sizes["fig1_heuristics"])
     messages = [p.messages for p in prompts]
     samples, new = sizes["fig1_samples"], sizes["fig1_new_tokens"]
-    runs = interleave(
-        {
-            "ours": lambda: backend_generate(backend, messages, samples, new),
-            "plain": lambda: plain_generate(plain, tokenizer, messages, samples, new),
-        },
-        repeats,
-    )
+    variants = {
+        "ours": lambda: backend_generate(backend, messages, samples, new),
+        "plain": lambda: plain_generate(plain, tokenizer, messages, samples, new),
+    }
+    if best_plain is not None:
+        variants["best_plain"] = lambda: best_plain_generate(
+            best_plain[0], best_plain[1], messages, samples, new
+        )
+    runs = interleave(variants, repeats)
     rate = {k: [r["tokens"] / r["wall_s"] for r in v] for k, v in runs.items()}
     ratio, spread = median_spread(ratio_samples(rate["ours"], rate["plain"]))
+    workload = f"{len(messages)} prompts x {samples} samples, max_new_tokens={new}"
     fig1 = Figure(
         1,
         "generation tokens/s, hf back-end / plain fp32 generate",
@@ -204,11 +366,15 @@ def figures_1_2_5(
             "plain_tokens_per_s": median_spread(rate["plain"])[0],
             "ours_dtype": str(next(backend.model.parameters()).dtype),
             "dtype_decisions": decisions_since(0.0),  # dtype auto's measurement, when it was used
-            "workload": f"{len(messages)} prompts x {samples} samples, max_new_tokens={new}",
+            "workload": workload,
             "ours_tokens": [r["tokens"] for r in runs["ours"]],
             "plain_tokens": [r["tokens"] for r in runs["plain"]],
+            **(decode_bound_shares(backend, runs["ours"], bounds) if bounds else {}),
         },
     )
+    figures = [fig1]
+    if best_plain is not None:
+        figures.append(figure_1b(backend, rate, runs, best_plain[2], workload, samples))
     problems = [p.problem for p in prompts for _ in range(samples)]
     from manyways.verify.math import prefilter_counts
 
@@ -230,7 +396,35 @@ def figures_1_2_5(
         },
     )
     plain_ratio = runs["plain"][0]["prefill_computed"] / runs["plain"][0]["prompt_submitted"]
-    return [fig1, figure_2(backend, sizes, plain_ratio), fig5]
+    return [*figures, figure_2(backend, sizes, plain_ratio), fig5]
+
+
+def figure_1b(
+    backend: HFBackend, rate: dict[str, list[float]], runs: dict, decision: dict, workload: str, samples: int
+) -> Figure:
+    """Ours / the best plain usage (figure 1's workload, timed in the same interleaved repeats)."""
+    ratio, spread = median_spread(ratio_samples(rate["ours"], rate["best_plain"]))
+    dtype = decision.get("dtype", "?")
+    return Figure(
+        "1b",
+        "generation tokens/s, hf back-end / best plain generate (auto dtype, one left-padded batch)",
+        ratio,
+        "reported (no target)",
+        None,
+        spread,
+        f"plain transformers generate, {dtype}, all prompts in one left-padded batch, "
+        f"num_return_sequences={samples}",
+        {
+            "ours_tokens_per_s": median_spread(rate["ours"])[0],
+            "best_plain_tokens_per_s": median_spread(rate["best_plain"])[0],
+            "ours_dtype": str(next(backend.model.parameters()).dtype),
+            "best_plain_dtype": dtype,
+            "best_plain_dtype_decision": decision,  # dtype auto's record: why this dtype
+            "best_plain_rows": runs["best_plain"][0]["rows"],
+            "workload": workload,
+            "best_plain_tokens": [r["tokens"] for r in runs["best_plain"]],
+        },
+    )
 
 
 def figure_2(backend: HFBackend, sizes: dict[str, int], plain_ratio: float) -> Figure:
