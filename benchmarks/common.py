@@ -27,7 +27,7 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_t
 class Figure:
     """One row of the results table."""
 
-    number: int
+    number: int | str  # 1-9, or a letter figure next to its number ("1b")
     name: str
     value: float | None
     target: str
