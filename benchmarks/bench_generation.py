@@ -23,14 +23,15 @@ import time
 from typing import Any
 
 import torch
-from bounds import ModelShape, StepRows, bound_share, decode_step_bound_s, decode_step_parts_rows_s
-from common import Figure, interleave, median_spread, meets, ratio_samples, timed
+from bench_best_plain import best_plain_generate, figure_1b
+from bounds import ModelShape, StepRows, decode_bound_detail, decode_step_bound_s
+from common import Figure, interleave, median_spread, meets, ratio_samples, timed, useful_tokens
 from workloads import heuristic_prompts, long_context_messages, prompt_length
 
 from manyways.backends.config import BackendConfig
 from manyways.backends.hf import HFBackend
 from manyways.backends.protocol import GenRequest
-from manyways.dtype_auto import decisions_since, resolve_auto_dtype
+from manyways.dtype_auto import decisions_since
 from manyways.models import DEFAULT_MODEL, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,6 @@ class DecodeClock:
         self.last = now
         self.steps += 1
         return scores
-
-
-def useful_tokens(rows: torch.Tensor, eos_ids: set[int]) -> list[int]:
-    """Generated tokens per row up to and including the first EOS (padding after it excluded)."""
-    counts = []
-    for row in rows.tolist():
-        n = len(row)
-        for i, tok in enumerate(row):
-            if tok in eos_ids:
-                n = i + 1
-                break
-        counts.append(n)
-    return counts
 
 
 def plain_generate(
@@ -201,112 +189,13 @@ def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any
 
 
 def decode_bound_shares(backend: HFBackend, runs: list[dict[str, Any]], bounds: dict) -> dict[str, Any]:
-    """The share of the decode bound reached by ``runs`` of ``backend_run`` (median over runs):
-    the shared-prefix bound (each prompt's KV read once per step) when the back-end decodes with
-    cascade attention, else the replicated one; both are reported, with the mean step times."""
+    """:func:`bounds.decode_bound_detail` of ``runs`` of :func:`backend_run` for ``backend``'s model
+    (the matmul rate of its dtype, its KV dtype); the shared-prefix bound when it decodes with
+    cascade attention, else the replicated one."""
     shape = ModelShape.of(backend.model)
     peak = bounds["peak_bf16_flops"] if shape.bytes_per_param == 2 else bounds["peak_fp32_flops"]
-    args = (peak, bounds["read_bandwidth_bytes_s"], backend.kv_dtype.itemsize)
-    shares: dict[str, list[float]] = {"shared_prefix": [], "replicated": []}
-    for run in runs:
-        for kind in shares:
-            shares[kind].append(
-                bound_share(shape, run["steps"], run["decode_s"], *args, kind == "shared_prefix")
-            )
-    steps = [len(r["steps"]) for r in runs]
-    rows = [len(s.contexts) for r in runs for s in r["steps"]]
-    used = "shared_prefix" if backend.cascade else "replicated"
-    parts = [decode_step_parts_rows_s(shape, s, *args, used == "shared_prefix") for s in runs[0]["steps"]]
-    compute, memory = sum(c for c, _ in parts), sum(m for _, m in parts)
-    return {
-        **bound_share_by_rows(shape, runs[0], args, used == "shared_prefix"),
-        "decode_fraction_of_bound": median_spread(shares[used])[0],
-        "decode_bound_kind": used,
-        "decode_fraction_of_shared_prefix_bound": median_spread(shares["shared_prefix"])[0],
-        "decode_fraction_of_replicated_bound": median_spread(shares["replicated"])[0],
-        "decode_fraction_of_bound_per_repeat": shares[used],
-        "decode_steps": steps,
-        "decode_step_s": [r["decode_s"] / max(1, n) for r, n in zip(runs, steps, strict=True)],
-        "decode_rows_per_step_mean": sum(rows) / max(1, len(rows)),
-        "decode_rows_per_step_max": max(rows, default=0),
-        "decode_peak_flops": peak,
-        # the first run's bound, summed over its steps: which limit binds, and the bound's time
-        "decode_bound_compute_s": compute,
-        "decode_bound_memory_s": memory,
-        "decode_bound_limited_by": "compute" if compute >= memory else "memory",
-    }
-
-
-def bound_share_by_rows(shape: ModelShape, run: dict[str, Any], args: tuple, shared: bool) -> dict[str, Any]:
-    """The bound share of ``run``'s steps with at least half its first step's rows and of the others
-    (finished rows leave the batch: the tail decodes a few rows), from the per-step times."""
-    if not run["steps"]:
-        return {}
-    half = len(run["steps"][0].contexts) / 2
-    out: dict[str, Any] = {}
-    for name, keep in (("wide", lambda n: n >= half), ("narrow", lambda n: n < half)):
-        picked = [(s, t) for s, t in zip(run["steps"], run["step_s"], strict=True) if keep(len(s.contexts))]
-        if picked:
-            took = sum(t for _, t in picked)
-            out[f"decode_{name}_steps"] = len(picked)
-            out[f"decode_{name}_s"] = took
-            out[f"decode_{name}_fraction_of_bound"] = bound_share(
-                shape, [s for s, _ in picked], took, *args, shared
-            )
-    return out
-
-
-def load_best_plain(model_id: str = DEFAULT_MODEL, decide: Any = resolve_auto_dtype) -> tuple[Any, Any, dict]:
-    """The best plain usage's model and tokenizer: the model in the dtype the project's
-    ``dtype: auto`` picks for generation on this machine (``decide("generation", model_id)``: the
-    faster of bf16 and fp32, measured; the decision record is returned), the tokenizer padding on
-    the left (a pad token set to EOS if it has none)."""
-    dtype, record = decide("generation", model_id)
-    model, tokenizer = load_model_and_tokenizer(model_id, dtype=dtype)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    keep = (
-        "workload",
-        "dtype",
-        "reason",
-        "bf16_over_fp32_median_ratio",
-        "rates_flops",
-        "measured_at",
-        "cached",
-    )
-    return model.eval(), tokenizer, {k: record[k] for k in keep if k in record}
-
-
-def best_plain_generate(
-    model: Any, tokenizer: Any, messages: list[list[dict[str, str]]], samples: int, max_new_tokens: int
-) -> dict[str, Any]:
-    """The best plain usage: every prompt in one left-padded batch, one ``model.generate`` with
-    ``num_return_sequences``; useful tokens counted as in :func:`plain_generate`."""
-    start = time.perf_counter()  # tokenizing included, as in the other variants
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode():
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=0.7,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    wall = time.perf_counter() - start
-    new = out[:, batch["input_ids"].shape[1] :]
-    counts = useful_tokens(new, {int(tokenizer.eos_token_id)})
-    return {
-        "wall_s": wall,
-        "tokens": sum(counts),
-        "texts": [
-            tokenizer.decode(r[:c], skip_special_tokens=True) for r, c in zip(new, counts, strict=True)
-        ],
-        "rows": int(out.shape[0]),
-    }
+    limits = (peak, bounds["read_bandwidth_bytes_s"], backend.kv_dtype.itemsize)
+    return {**decode_bound_detail(shape, runs, *limits, shared=backend.cascade), "decode_peak_flops": peak}
 
 
 def load_pair(backend_cfg: BackendConfig) -> tuple[HFBackend, Any, Any]:
@@ -334,10 +223,12 @@ def figures_1_2_5(
     sizes: dict[str, int],
     bounds: dict | None = None,
     best_plain: tuple[Any, Any, dict] | None = None,
+    want: set[Any] | None = None,
 ) -> list[Figure]:
     """Throughput of the back-end vs the plain loop (1) and vs the best plain usage (1b, when
-    ``best_plain`` = :func:`load_best_plain`'s result is given), prefill ratio (2), verify share (5).
-    With ``bounds``, figure 1's details include the decode's share of the bound."""
+    ``best_plain`` = :func:`bench_best_plain.load_best_plain`'s result is given), prefill ratio (2), verify share (5);
+    2 and 5 only when in ``want`` (default: all). With ``bounds``, figure 1's details include the
+    decode's share of the bound."""
     prompts = heuristic_prompts(sizes["fig1_problems"], sizes["fig1_heuristics"])
     messages = [p.messages for p in prompts]
     samples, new = sizes["fig1_samples"], sizes["fig1_new_tokens"]
@@ -375,14 +266,24 @@ def figures_1_2_5(
     figures = [fig1]
     if best_plain is not None:
         figures.append(figure_1b(backend, rate, runs, best_plain[2], workload, samples))
-    problems = [p.problem for p in prompts for _ in range(samples)]
+    plain_ratio = runs["plain"][0]["prefill_computed"] / runs["plain"][0]["prompt_submitted"]
+    if want is None or 2 in want:
+        figures.append(figure_2(backend, sizes, plain_ratio))
+    if want is None or 5 in want:
+        figures.append(figure_5([p.problem for p in prompts for _ in range(samples)], runs["ours"]))
+    return figures
+
+
+def figure_5(problems: list[Any], runs: list[dict[str, Any]]) -> Figure:
+    """Verification time of figure 1's completions (``problems``: one per completion) / their
+    generation time, per run of ours."""
     from manyways.verify.math import prefilter_counts
 
-    verify_seconds(problems[:1], runs["ours"][0]["texts"][:1])  # start the worker pool
+    verify_seconds(problems[:1], runs[0]["texts"][:1])  # start the worker pool
     paths_before = prefilter_counts()
-    shares = [verify_seconds(problems, r["texts"]) / r["wall_s"] for r in runs["ours"]]
+    shares = [verify_seconds(problems, r["texts"]) / r["wall_s"] for r in runs]
     share, share_spread = median_spread(shares)
-    fig5 = Figure(
+    return Figure(
         5,
         "verification time / generation time (generate+verify)",
         share,
@@ -393,36 +294,6 @@ def figures_1_2_5(
         {
             "note": "verify wall time (1 worker) of figure 1's completions / their generation time",
             "decision_paths": {k: v - paths_before.get(k, 0) for k, v in prefilter_counts().items()},
-        },
-    )
-    plain_ratio = runs["plain"][0]["prefill_computed"] / runs["plain"][0]["prompt_submitted"]
-    return [*figures, figure_2(backend, sizes, plain_ratio), fig5]
-
-
-def figure_1b(
-    backend: HFBackend, rate: dict[str, list[float]], runs: dict, decision: dict, workload: str, samples: int
-) -> Figure:
-    """Ours / the best plain usage (figure 1's workload, timed in the same interleaved repeats)."""
-    ratio, spread = median_spread(ratio_samples(rate["ours"], rate["best_plain"]))
-    dtype = decision.get("dtype", "?")
-    return Figure(
-        "1b",
-        "generation tokens/s, hf back-end / best plain generate (auto dtype, one left-padded batch)",
-        ratio,
-        "reported (no target)",
-        None,
-        spread,
-        f"plain transformers generate, {dtype}, all prompts in one left-padded batch, "
-        f"num_return_sequences={samples}",
-        {
-            "ours_tokens_per_s": median_spread(rate["ours"])[0],
-            "best_plain_tokens_per_s": median_spread(rate["best_plain"])[0],
-            "ours_dtype": str(next(backend.model.parameters()).dtype),
-            "best_plain_dtype": dtype,
-            "best_plain_dtype_decision": decision,  # dtype auto's record: why this dtype
-            "best_plain_rows": runs["best_plain"][0]["rows"],
-            "workload": workload,
-            "best_plain_tokens": [r["tokens"] for r in runs["best_plain"]],
         },
     )
 

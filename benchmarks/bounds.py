@@ -159,6 +159,60 @@ def bound_share(
     return bound / measured_s
 
 
+def decode_bound_detail(
+    shape: ModelShape,
+    runs: Sequence[dict[str, Any]],
+    peak_flops: float,
+    bandwidth: float,
+    kv_bytes: int = 2,
+    *,
+    shared: bool = True,
+) -> dict[str, Any]:
+    """The share of the decode bound reached by measured decode ``runs`` (each a dict with
+    ``steps``: the :class:`StepRows` of its decode steps, ``step_s``: each step's time, ``decode_s``:
+    the whole decode's time): the median over runs of :func:`bound_share` with the shared-prefix
+    bound (``shared``) or the replicated one (both reported), the first run's share in its wide
+    steps (at least half its first step's rows) and narrow ones (finished rows leave the batch),
+    and which limit binds (compute or memory, summed over the first run's steps)."""
+    limits = (peak_flops, bandwidth, kv_bytes)
+    shares = {
+        kind: [bound_share(shape, r["steps"], r["decode_s"], *limits, kind == "shared_prefix") for r in runs]
+        for kind in ("shared_prefix", "replicated")
+    }
+    used = "shared_prefix" if shared else "replicated"
+    first = runs[0]
+    parts = [decode_step_parts_rows_s(shape, s, *limits, shared) for s in first["steps"]]
+    compute, memory = sum(c for c, _ in parts), sum(m for _, m in parts)
+    steps = [len(r["steps"]) for r in runs]
+    rows = [len(s.contexts) for r in runs for s in r["steps"]]
+    out: dict[str, Any] = {
+        "decode_fraction_of_bound": median_spread(shares[used])[0],
+        "decode_bound_kind": used,
+        "decode_fraction_of_shared_prefix_bound": median_spread(shares["shared_prefix"])[0],
+        "decode_fraction_of_replicated_bound": median_spread(shares["replicated"])[0],
+        "decode_fraction_of_bound_per_repeat": shares[used],
+        "decode_steps": steps,
+        "decode_step_s": [r["decode_s"] / max(1, n) for r, n in zip(runs, steps, strict=True)],
+        "decode_rows_per_step_mean": sum(rows) / max(1, len(rows)),
+        "decode_rows_per_step_max": max(rows, default=0),
+        "decode_bound_compute_s": compute,
+        "decode_bound_memory_s": memory,
+        "decode_bound_limited_by": "compute" if compute >= memory else "memory",
+    }
+    half = len(first["steps"][0].contexts) / 2 if first["steps"] else 0
+    for name, keep in (("wide", lambda n: n >= half), ("narrow", lambda n: n < half)):
+        picked = [
+            (s, t) for s, t in zip(first["steps"], first["step_s"], strict=True) if keep(len(s.contexts))
+        ]
+        if picked:
+            took = sum(t for _, t in picked)
+            out[f"decode_{name}_steps"], out[f"decode_{name}_s"] = len(picked), took
+            out[f"decode_{name}_fraction_of_bound"] = bound_share(
+                shape, [s for s, _ in picked], took, *limits, shared
+            )
+    return out
+
+
 def train_tokens_per_s_bound(params: int, peak_flops: float) -> float:
     """Tokens/s at 6N FLOP per token (forward + backward) and the given peak rate."""
     return peak_flops / (6 * params)

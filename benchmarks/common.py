@@ -67,6 +67,20 @@ def interleave(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str
     return out
 
 
+def useful_tokens(rows: Any, eos_ids: set[int]) -> list[int]:
+    """Generated tokens per row of a ``[rows, new tokens]`` tensor up to and including the first EOS
+    (padding after it excluded)."""
+    counts = []
+    for row in rows.tolist():
+        n = len(row)
+        for i, tok in enumerate(row):
+            if tok in eos_ids:
+                n = i + 1
+                break
+        counts.append(n)
+    return counts
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(wall seconds, result) of ``fn()``."""
     start = time.perf_counter()

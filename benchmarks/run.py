@@ -77,7 +77,8 @@ def parse_only(text: str) -> set[FigureId]:
 def generation_figures(repeats: int, bounds: dict[str, float], only: set[FigureId]) -> list[Figure]:
     """Figures 1, 1b, 2, 3, 3b and 5 share one loaded back-end (as the demo's generate stage
     configures it) and one plain fp32 model; 1b adds the best plain usage's model."""
-    from bench_generation import figure_3, figures_1_2_5, load_best_plain, load_pair
+    from bench_best_plain import load_best_plain
+    from bench_generation import figure_3, figures_1_2_5, load_pair
 
     from manyways.backends.config import BackendConfig
     from manyways.config import load_config
@@ -87,7 +88,7 @@ def generation_figures(repeats: int, bounds: dict[str, float], only: set[FigureI
     out: list[Figure] = []
     if only & {1, "1b", 2, 5}:
         best = load_best_plain() if "1b" in only else None
-        figs = figures_1_2_5(backend, plain, tokenizer, repeats, SIZES, bounds, best)
+        figs = figures_1_2_5(backend, plain, tokenizer, repeats, SIZES, bounds, best, only)
         out += [f for f in figs if f.number in only]
     if 3 in only:
         out.append(figure_3(backend, plain, tokenizer, repeats, SIZES, bounds))

@@ -291,7 +291,7 @@ def test_backend_run_records_every_decode_step_of_the_real_backend(tiny_backend)
 
 
 def test_best_plain_is_one_left_padded_batch_with_num_return_sequences(tiny_model_dir: Path) -> None:
-    import bench_generation
+    import bench_best_plain
     import torch
 
     decided: list[tuple[str, str]] = []
@@ -300,7 +300,7 @@ def test_best_plain_is_one_left_padded_batch_with_num_return_sequences(tiny_mode
         decided.append((workload, model))
         return "bfloat16", {"workload": workload, "dtype": "bfloat16", "reason": "measured", "other": 1}
 
-    model, tokenizer, decision = bench_generation.load_best_plain(str(tiny_model_dir), decide=decide)
+    model, tokenizer, decision = bench_best_plain.load_best_plain(str(tiny_model_dir), decide=decide)
     assert decided == [("generation", str(tiny_model_dir))]
     assert next(model.parameters()).dtype == torch.bfloat16 and tokenizer.padding_side == "left"
     assert decision == {"workload": "generation", "dtype": "bfloat16", "reason": "measured"}
@@ -315,7 +315,7 @@ def test_best_plain_is_one_left_padded_batch_with_num_return_sequences(tiny_mode
     messages = [
         [{"role": "user", "content": q}] for q in ("Hi", "Compute 12 * 7, then subtract 5.", "2 + 2?")
     ]
-    out = bench_generation.best_plain_generate(model, tokenizer, messages, samples=3, max_new_tokens=4)
+    out = bench_best_plain.best_plain_generate(model, tokenizer, messages, samples=3, max_new_tokens=4)
     assert len(calls) == 1  # all prompts in one call
     (call,) = calls
     ids, mask = call["input_ids"], call["attention_mask"]
@@ -389,14 +389,14 @@ def test_letter_figures_are_registered_sorted_and_rendered(tmp_path: Path, monke
 def test_figure_1b_is_ours_over_best_plain_per_repeat_with_its_dtype_decision() -> None:
     import types
 
-    import bench_generation
+    import bench_best_plain
     import torch
 
     backend = types.SimpleNamespace(model=torch.nn.Linear(2, 2))
     rate = {"ours": [10.0, 12.0, 9.0], "best_plain": [5.0, 4.0, 4.5]}
     runs = {"best_plain": [{"rows": 16, "tokens": 100}] * 3}
     decision = {"dtype": "float32", "reason": "measured", "bf16_over_fp32_median_ratio": 0.4}
-    fig = bench_generation.figure_1b(backend, rate, runs, decision, "4 prompts x 4 samples", 4)
+    fig = bench_best_plain.figure_1b(backend, rate, runs, decision, "4 prompts x 4 samples", 4)
     assert fig.number == "1b" and fig.value == pytest.approx(2.0) and fig.met is None  # ratios 2, 3, 2
     assert (
         fig.spread == pytest.approx(0.5)
@@ -404,3 +404,21 @@ def test_figure_1b_is_ours_over_best_plain_per_repeat_with_its_dtype_decision() 
         and "num_return_sequences=4" in fig.baseline
     )
     assert fig.detail["best_plain_dtype_decision"] == decision
+
+
+def test_decode_bound_detail_splits_wide_and_narrow_steps_and_takes_the_median() -> None:
+    wide = bounds.StepRows((10,) * 4, ("a",) * 4, (6,) * 4)  # shared: 200 + 2*2*(6 + 4*4)*4*2 = 904 bytes
+    narrow = bounds.StepRows((11,), ("a",), (6,))  # 1 row < half of 4: 200 + 2*2*11*4*2 = 552 bytes
+    run = {"steps": [wide, narrow], "step_s": [2.0, 4.0 * 552 / 904], "decode_s": 6.0}
+    slow = {**run, "decode_s": 12.0}
+    d = bounds.decode_bound_detail(SHAPE, [run, slow, slow], 1e12, 904, shared=True)
+    assert d["decode_wide_fraction_of_bound"] == pytest.approx(0.5)
+    assert d["decode_narrow_fraction_of_bound"] == pytest.approx(0.25)
+    whole = (1 + 552 / 904) / 12.0  # the median run
+    assert d["decode_fraction_of_bound"] == pytest.approx(whole) and d["decode_bound_kind"] == "shared_prefix"
+    assert d["decode_fraction_of_bound_per_repeat"] == pytest.approx([2 * whole, whole, whole])
+    assert d["decode_bound_limited_by"] == "memory" and d["decode_rows_per_step_max"] == 4
+    # replicated: the wide step reads 40 positions (200 + 1280 bytes), the narrow one the same 11
+    replicated = bounds.decode_bound_detail(SHAPE, [run], 1e12, 904, shared=False)
+    assert replicated["decode_bound_kind"] == "replicated"
+    assert replicated["decode_fraction_of_bound"] == pytest.approx((1480 + 552) / 904 / 6.0)
