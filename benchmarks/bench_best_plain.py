@@ -47,7 +47,7 @@ def best_plain_generate(
     model: Any, tokenizer: Any, messages: list[list[dict[str, str]]], samples: int, max_new_tokens: int
 ) -> dict[str, Any]:
     """The best plain usage: every prompt in one left-padded batch, one ``model.generate`` with
-    ``num_return_sequences``; useful tokens counted as in :func:`plain_generate`."""
+    ``num_return_sequences``; useful tokens counted as in ``bench_generation.plain_generate``."""
     start = time.perf_counter()  # tokenizing included, as in the other variants
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

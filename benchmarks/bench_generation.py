@@ -5,7 +5,8 @@
    include the share of the decode bound the back-end's decode steps reach (``bounds.bound_share``);
 1b. the same, over the best plain usage a knowledgeable user would write: the model in the dtype
    ``dtype: auto`` picks for generation on this machine, every prompt in one left-padded batch,
-   ``num_return_sequences`` (timed ABAB with 1's variants; reported, no target);
+   ``num_return_sequences`` (timed ABAB with 1's variants; reported, no target;
+   ``bench_best_plain.py``);
 2. prefill tokens computed / prompt tokens submitted on 16 problems x 4 heuristics x 8 samples
    (the plain loop's ratio is counted with a forward hook on the same model);
 3. decode tokens/s at ~1.1K tokens of context / at ~128, for both, plus the fraction of the
@@ -226,9 +227,9 @@ def figures_1_2_5(
     want: set[Any] | None = None,
 ) -> list[Figure]:
     """Throughput of the back-end vs the plain loop (1) and vs the best plain usage (1b, when
-    ``best_plain`` = :func:`bench_best_plain.load_best_plain`'s result is given), prefill ratio (2), verify share (5);
-    2 and 5 only when in ``want`` (default: all). With ``bounds``, figure 1's details include the
-    decode's share of the bound."""
+    ``best_plain``, :func:`bench_best_plain.load_best_plain`'s result, is given), prefill ratio
+    (2), verify share (5); 2 and 5 only when in ``want`` (default: all). With ``bounds``, figure
+    1's details include the decode's share of the bound."""
     prompts = heuristic_prompts(sizes["fig1_problems"], sizes["fig1_heuristics"])
     messages = [p.messages for p in prompts]
     samples, new = sizes["fig1_samples"], sizes["fig1_new_tokens"]

@@ -281,7 +281,7 @@ def test_backend_run_records_every_decode_step_of_the_real_backend(tiny_backend)
     first = steps[0]
     assert sorted(first.contexts) == sorted(n + 1 for n in prompt_lens for _ in range(3))
     assert len(set(first.prompt_of_row)) == 2 and sorted(first.prompt_len_of_row) == sorted(prompt_lens * 3)
-    assert not hasattr(tiny_backend, "_forward") or "_forward" not in vars(tiny_backend)  # unwrapped
+    assert "_forward" not in vars(tiny_backend) and "_decode" not in vars(tiny_backend)  # unwrapped
     shares = bench_generation.decode_bound_shares(
         tiny_backend, [run], {"peak_fp32_flops": 1e9, "peak_bf16_flops": 1e9, "read_bandwidth_bytes_s": 1e9}
     )
