@@ -1,7 +1,12 @@
 """Figures 1-3 and 5: the ``hf`` back-end against a plain transformers ``generate`` loop.
 
 1. generation tokens/s, ``HFBackend`` (project dtype choice, prefix sharing) / plain fp32
-   ``generate`` with ``num_return_sequences``, same model, prompts and token limit;
+   ``generate`` with ``num_return_sequences``, same model, prompts and token limit; its details
+   include the share of the decode bound the back-end's decode steps reach (``bounds.bound_share``);
+1b. the same, over the best plain usage a knowledgeable user would write: the model in the dtype
+   ``dtype: auto`` picks for generation on this machine, every prompt in one left-padded batch,
+   ``num_return_sequences`` (timed ABAB with 1's variants; reported, no target;
+   ``bench_best_plain.py``);
 2. prefill tokens computed / prompt tokens submitted on 16 problems x 4 heuristics x 8 samples
    (the plain loop's ratio is counted with a forward hook on the same model);
 3. decode tokens/s at ~1.1K tokens of context / at ~128, for both, plus the fraction of the
@@ -19,8 +24,9 @@ import time
 from typing import Any
 
 import torch
-from bounds import ModelShape, decode_step_bound_s
-from common import Figure, interleave, median_spread, meets, ratio_samples, timed
+from bench_best_plain import best_plain_generate, figure_1b
+from bounds import ModelShape, StepRows, decode_bound_detail, decode_step_bound_s
+from common import Figure, interleave, median_spread, meets, ratio_samples, timed, useful_tokens
 from workloads import heuristic_prompts, long_context_messages, prompt_length
 
 from manyways.backends.config import BackendConfig
@@ -59,19 +65,6 @@ class DecodeClock:
         self.last = now
         self.steps += 1
         return scores
-
-
-def useful_tokens(rows: torch.Tensor, eos_ids: set[int]) -> list[int]:
-    """Generated tokens per row up to and including the first EOS (padding after it excluded)."""
-    counts = []
-    for row in rows.tolist():
-        n = len(row)
-        for i, tok in enumerate(row):
-            if tok in eos_ids:
-                n = i + 1
-                break
-        counts.append(n)
-    return counts
 
 
 def plain_generate(
@@ -123,29 +116,65 @@ def plain_generate(
     }
 
 
+def step_rows(rows: list[Any]) -> StepRows:
+    """The unfinished rows of a decode step (``HFBackend``'s ``_Row``s): context = prompt + tokens
+    generated so far (the one fed in this step included), prompt = the request."""
+    live = [r for r in rows if r.finish is None]
+    return StepRows(
+        tuple(r.prompt_tokens + len(r.tokens) for r in live),
+        tuple(id(r.request) for r in live),
+        tuple(r.prompt_tokens for r in live),
+    )
+
+
 def backend_generate(
     backend: HFBackend, messages: list[list[dict[str, str]]], samples: int, max_new_tokens: int
 ) -> dict[str, Any]:
-    """The project's back-end on the same prompts; decode time measured around ``_decode``."""
+    """The project's back-end on the same prompts (seeds ``1000 * i + j``, temperature 0.7)."""
     requests = [
         GenRequest(f"r{i}", m, tuple(range(1000 * i, 1000 * i + samples)), max_new_tokens, 0.7)
         for i, m in enumerate(messages)
     ]
-    clock = {"decode_s": 0.0}
-    inner = HFBackend._decode.__get__(backend)
+    return backend_run(backend, requests)
 
-    def decode(*args: Any) -> None:
+
+def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any]:
+    """``backend.generate(requests)``; decode time measured around ``_decode``, and the rows of
+    every decode-step forward recorded (``steps``: :class:`bounds.StepRows`) for the bound."""
+    clock = {"decode_s": 0.0}
+    steps: list[StepRows] = []
+    stamps: list[float] = []  # when each decode-step forward started
+    step_s: list[float] = []  # each step's time: its forward and the next token's selection
+    live: list[Any] = []  # the rows of the decode in progress (empty during prefill)
+    inner_decode = HFBackend._decode.__get__(backend)
+    inner_forward = HFBackend._forward.__get__(backend)
+
+    def decode(rows: list[Any], *args: Any) -> None:
+        live[:] = rows
+        stamps.clear()
         t0 = time.perf_counter()
-        inner(*args)
-        clock["decode_s"] += time.perf_counter() - t0
+        try:
+            inner_decode(rows, *args)
+        finally:
+            end = time.perf_counter()
+            clock["decode_s"] += end - t0
+            step_s.extend(b - a for a, b in zip(stamps, [*stamps[1:], end], strict=True))
+            live.clear()
+
+    def forward(ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        if live:
+            steps.append(step_rows(live))
+            stamps.append(time.perf_counter())
+        return inner_forward(ids, *args)
 
     backend._decode = decode  # type: ignore[method-assign]
+    backend._forward = forward  # type: ignore[method-assign]
     before = (backend.stats.decode_tokens, backend.stats.prefill_tokens_computed)
     before_submitted = backend.stats.prompt_tokens_submitted
     try:
         wall, results = timed(lambda: backend.generate(requests))
     finally:
-        del backend._decode
+        del backend._decode, backend._forward
     samples_out = [s for r in results for s in r]
     return {
         "wall_s": wall,
@@ -155,7 +184,19 @@ def backend_generate(
         "prompt_submitted": backend.stats.prompt_tokens_submitted - before_submitted,
         "decode_s": clock["decode_s"],
         "decode_tokens": backend.stats.decode_tokens - before[0],
+        "steps": steps,
+        "step_s": step_s,
     }
+
+
+def decode_bound_shares(backend: HFBackend, runs: list[dict[str, Any]], bounds: dict) -> dict[str, Any]:
+    """:func:`bounds.decode_bound_detail` of ``runs`` of :func:`backend_run` for ``backend``'s model
+    (the matmul rate of its dtype, its KV dtype); the shared-prefix bound when it decodes with
+    cascade attention, else the replicated one."""
+    shape = ModelShape.of(backend.model)
+    peak = bounds["peak_bf16_flops"] if shape.bytes_per_param == 2 else bounds["peak_fp32_flops"]
+    limits = (peak, bounds["read_bandwidth_bytes_s"], backend.kv_dtype.itemsize)
+    return {**decode_bound_detail(shape, runs, *limits, shared=backend.cascade), "decode_peak_flops": peak}
 
 
 def load_pair(backend_cfg: BackendConfig) -> tuple[HFBackend, Any, Any]:
@@ -176,21 +217,34 @@ def verify_seconds(problems: list[Any], texts: list[str]) -> float:
 
 
 def figures_1_2_5(
-    backend: HFBackend, plain: Any, tokenizer: Any, repeats: int, sizes: dict[str, int]
+    backend: HFBackend,
+    plain: Any,
+    tokenizer: Any,
+    repeats: int,
+    sizes: dict[str, int],
+    bounds: dict | None = None,
+    best_plain: tuple[Any, Any, dict] | None = None,
+    want: set[Any] | None = None,
 ) -> list[Figure]:
-    """Throughput of the back-end vs the plain loop (1), prefill ratio (2), verify share (5)."""
+    """Throughput of the back-end vs the plain loop (1) and vs the best plain usage (1b, when
+    ``best_plain``, :func:`bench_best_plain.load_best_plain`'s result, is given), prefill ratio
+    (2), verify share (5); 2 and 5 only when in ``want`` (default: all). With ``bounds``, figure
+    1's details include the decode's share of the bound."""
     prompts = heuristic_prompts(sizes["fig1_problems"], sizes["fig1_heuristics"])
     messages = [p.messages for p in prompts]
     samples, new = sizes["fig1_samples"], sizes["fig1_new_tokens"]
-    runs = interleave(
-        {
-            "ours": lambda: backend_generate(backend, messages, samples, new),
-            "plain": lambda: plain_generate(plain, tokenizer, messages, samples, new),
-        },
-        repeats,
-    )
+    variants = {
+        "ours": lambda: backend_generate(backend, messages, samples, new),
+        "plain": lambda: plain_generate(plain, tokenizer, messages, samples, new),
+    }
+    if best_plain is not None:
+        variants["best_plain"] = lambda: best_plain_generate(
+            best_plain[0], best_plain[1], messages, samples, new
+        )
+    runs = interleave(variants, repeats)
     rate = {k: [r["tokens"] / r["wall_s"] for r in v] for k, v in runs.items()}
     ratio, spread = median_spread(ratio_samples(rate["ours"], rate["plain"]))
+    workload = f"{len(messages)} prompts x {samples} samples, max_new_tokens={new}"
     fig1 = Figure(
         1,
         "generation tokens/s, hf back-end / plain fp32 generate",
@@ -204,19 +258,33 @@ def figures_1_2_5(
             "plain_tokens_per_s": median_spread(rate["plain"])[0],
             "ours_dtype": str(next(backend.model.parameters()).dtype),
             "dtype_decisions": decisions_since(0.0),  # dtype auto's measurement, when it was used
-            "workload": f"{len(messages)} prompts x {samples} samples, max_new_tokens={new}",
+            "workload": workload,
             "ours_tokens": [r["tokens"] for r in runs["ours"]],
             "plain_tokens": [r["tokens"] for r in runs["plain"]],
+            **(decode_bound_shares(backend, runs["ours"], bounds) if bounds else {}),
         },
     )
-    problems = [p.problem for p in prompts for _ in range(samples)]
+    figures = [fig1]
+    if best_plain is not None:
+        figures.append(figure_1b(backend, rate, runs, best_plain[2], workload, samples))
+    plain_ratio = runs["plain"][0]["prefill_computed"] / runs["plain"][0]["prompt_submitted"]
+    if want is None or 2 in want:
+        figures.append(figure_2(backend, sizes, plain_ratio))
+    if want is None or 5 in want:
+        figures.append(figure_5([p.problem for p in prompts for _ in range(samples)], runs["ours"]))
+    return figures
+
+
+def figure_5(problems: list[Any], runs: list[dict[str, Any]]) -> Figure:
+    """Verification time of figure 1's completions (``problems``: one per completion) / their
+    generation time, per run of ours."""
     from manyways.verify.math import prefilter_counts
 
-    verify_seconds(problems[:1], runs["ours"][0]["texts"][:1])  # start the worker pool
+    verify_seconds(problems[:1], runs[0]["texts"][:1])  # start the worker pool
     paths_before = prefilter_counts()
-    shares = [verify_seconds(problems, r["texts"]) / r["wall_s"] for r in runs["ours"]]
+    shares = [verify_seconds(problems, r["texts"]) / r["wall_s"] for r in runs]
     share, share_spread = median_spread(shares)
-    fig5 = Figure(
+    return Figure(
         5,
         "verification time / generation time (generate+verify)",
         share,
@@ -229,8 +297,6 @@ def figures_1_2_5(
             "decision_paths": {k: v - paths_before.get(k, 0) for k, v in prefilter_counts().items()},
         },
     )
-    plain_ratio = runs["plain"][0]["prefill_computed"] / runs["plain"][0]["prompt_submitted"]
-    return [fig1, figure_2(backend, sizes, plain_ratio), fig5]
 
 
 def figure_2(backend: HFBackend, sizes: dict[str, int], plain_ratio: float) -> Figure:

@@ -27,7 +27,7 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_t
 class Figure:
     """One row of the results table."""
 
-    number: int
+    number: int | str  # 1-9, or a letter figure next to its number ("1b")
     name: str
     value: float | None
     target: str
@@ -65,6 +65,20 @@ def interleave(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str
             log.info("  repeat %d/%d: %s", r + 1, repeats, name)
             out[name].append(fn())
     return out
+
+
+def useful_tokens(rows: Any, eos_ids: set[int]) -> list[int]:
+    """Generated tokens per row of a ``[rows, new tokens]`` tensor up to and including the first EOS
+    (padding after it excluded)."""
+    counts = []
+    for row in rows.tolist():
+        n = len(row)
+        for i, tok in enumerate(row):
+            if tok in eos_ids:
+                n = i + 1
+                break
+        counts.append(n)
+    return counts
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

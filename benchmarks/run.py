@@ -9,7 +9,9 @@ the table which run measured each carried-over figure. ``bench_out/results_by_ki
 the latest results per kind of CPU (AMX, AVX512-BF16 without AMX, neither: bf16's speed differs
 between them), and BENCHMARKS.md shows the other kinds' latest figures below this machine's.
 
-Usage: ``.venv/bin/python benchmarks/run.py [--repeats 3] [--only 1,2,4] [--no-markdown]``.
+Usage: ``.venv/bin/python benchmarks/run.py [--repeats 3] [--only 1,1b,2,4] [--no-markdown]``.
+Figures are numbered 1-9; a figure that belongs next to another has a letter (``1b``: figure 1's
+workload against the best plain usage; ``3b``: decode's share of the bound at the demo's batch).
 Torch runs on 1 intra-op thread in this process (``OMP_NUM_THREADS=1``; the project's CPU default,
 and the fairest setting on a shared 2-core machine); the verifier's pool has 1 worker.
 """
@@ -40,18 +42,42 @@ SIZES: dict[str, Any] = {
     "fig1_problems": 2, "fig1_heuristics": 2, "fig1_samples": 4, "fig1_new_tokens": 48,
     "fig2_problems": 16, "fig2_heuristics": 4, "fig2_samples": 8,
     "fig3_short": 128, "fig3_long": 1100, "fig3_batch": 8, "fig3_new_tokens": 32,
+    "fig3b_shards": 1, "fig3b_runs": 1, "fig3b_config": "configs/tiny_cpu.yaml",
     "fig4_pairs": 5000, "fig4_timeout_s": 1.0, "fig4_plain_limit_s": 15,
     "fig6_problems": 8, "fig6_heuristics": 2, "fig6_new_tokens": 96, "fig6_k": 4,
     "fig6_round": 2, "fig6_max": 8,
     "fig7_steps": 3, "fig7_batch": 2,
     "fig8_steps": 3, "fig8_completion": 48,
 }  # fmt: skip
-ALL_FIGURES = set(range(1, 10))
+FigureId = int | str
+ALL_FIGURES: set[FigureId] = {*range(1, 10), "1b", "3b"}
+GENERATION_FIGURES: set[FigureId] = {1, "1b", 2, 3, "3b", 5}
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 
-def generation_figures(repeats: int, bounds: dict[str, float], only: set[int]) -> list[Figure]:
-    """Figures 1, 2, 3 and 5 share one loaded back-end and one plain fp32 model."""
+def figure_key(number: FigureId) -> tuple[int, str]:
+    """Sort key of a figure id: 1 < "1b" < 2 < ... < 9 < 10."""
+    text = str(number)
+    digits = text[: len(text) - len(text.lstrip("0123456789"))]
+    return (int(digits) if digits else 10**6, text[len(digits) :])
+
+
+def parse_only(text: str) -> set[FigureId]:
+    """``--only``'s comma-separated figure ids ("1,1b,3"), checked against ``ALL_FIGURES``."""
+    ids: set[FigureId] = {
+        int(x) if x.isdigit() else x.lower() for x in (t.strip() for t in text.split(",")) if x
+    }
+    unknown = ids - ALL_FIGURES
+    if unknown:
+        known = ",".join(map(str, sorted(ALL_FIGURES, key=figure_key)))
+        raise SystemExit(f"unknown figure(s) {sorted(map(str, unknown))}: choose from {known}")
+    return ids
+
+
+def generation_figures(repeats: int, bounds: dict[str, float], only: set[FigureId]) -> list[Figure]:
+    """Figures 1, 1b, 2, 3, 3b and 5 share one loaded back-end (as the demo's generate stage
+    configures it) and one plain fp32 model; 1b adds the best plain usage's model."""
+    from bench_best_plain import load_best_plain
     from bench_generation import figure_3, figures_1_2_5, load_pair
 
     from manyways.backends.config import BackendConfig
@@ -60,10 +86,16 @@ def generation_figures(repeats: int, bounds: dict[str, float], only: set[int]) -
     backend_cfg: BackendConfig = load_config("configs/tiny_cpu.yaml").generate.backend
     backend, plain, tokenizer = load_pair(backend_cfg)
     out: list[Figure] = []
-    if only & {1, 2, 5}:
-        out += [f for f in figures_1_2_5(backend, plain, tokenizer, repeats, SIZES) if f.number in only]
+    if only & {1, "1b", 2, 5}:
+        best = load_best_plain() if "1b" in only else None
+        figs = figures_1_2_5(backend, plain, tokenizer, repeats, SIZES, bounds, best, only)
+        out += [f for f in figs if f.number in only]
     if 3 in only:
         out.append(figure_3(backend, plain, tokenizer, repeats, SIZES, bounds))
+    if "3b" in only:
+        from bench_demo_decode import figure_3b
+
+        out.append(figure_3b(backend, SIZES["fig3b_runs"], SIZES, bounds))
     return out
 
 
@@ -93,7 +125,7 @@ def dtype_auto_line(doc: dict[str, Any]) -> str:
     return f"`dtype: auto` on this machine (default model): {'; '.join(parts)}." if parts else ""
 
 
-def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
+def run_all(repeats: int, only: set[FigureId]) -> dict[str, Any]:
     """Measure the bounds, then every selected figure; returns the results document."""
     from bounds import measure_bounds
 
@@ -105,13 +137,13 @@ def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
         "repeats": repeats,
         "load_average_start": load_average(),
         "sizes": SIZES,
-        "only": sorted(only),
+        "only": sorted(only, key=figure_key),
     }
     set_threads(1)
     bounds = measure_bounds()
     doc["bounds"] = bounds
-    steps: list[tuple[set[int], Callable[[], list[Figure]]]] = [
-        ({1, 2, 3, 5}, lambda: generation_figures(repeats, bounds, only)),
+    steps: list[tuple[set[FigureId], Callable[[], list[Figure]]]] = [
+        (GENERATION_FIGURES, lambda: generation_figures(repeats, bounds, only)),
         ({4}, lambda: [__import__("bench_verify").figure_4(repeats, SIZES)]),
         ({6}, lambda: [__import__("bench_adaptive").figure_6(SIZES)]),
         ({7}, lambda: [__import__("bench_train").figure_7(repeats, SIZES, bounds, model_params())]),
@@ -123,8 +155,9 @@ def run_all(repeats: int, only: set[int]) -> dict[str, Any]:
         if numbers & only:
             t0 = time.perf_counter()
             figures += step()
-            log.info("figures %s: %.0fs", sorted(numbers & only), time.perf_counter() - t0)
-    doc["figures"] = [{**f.to_dict(), "run": doc["date"]} for f in sorted(figures, key=lambda f: f.number)]
+            log.info("figures %s: %.0fs", sorted(numbers & only, key=figure_key), time.perf_counter() - t0)
+    figures.sort(key=lambda f: figure_key(f.number))
+    doc["figures"] = [{**f.to_dict(), "run": doc["date"]} for f in figures]
     doc["dtype_auto"] = dtype_auto_decisions()
     doc["load_average_end"] = load_average()
     doc["wall_s"] = time.perf_counter() - started
@@ -151,7 +184,7 @@ def merge_previous(doc: dict[str, Any], previous: dict[str, Any] | None) -> dict
         if not same_machine and " on " not in run:
             run = f"{run} on {previous.get('machine', {}).get('cpu_model', '?')}"
         carried.append({**f, "run": run})
-    figures = sorted(kept + carried, key=lambda f: f["number"])
+    figures = sorted(kept + carried, key=lambda f: figure_key(f["number"]))
     full = (
         doc.get("last_full_run")
         or previous.get("last_full_run")
@@ -186,7 +219,7 @@ def table(doc: dict[str, Any]) -> str:
 
 def generated_section(doc: dict[str, Any]) -> str:
     m, b = doc["machine"], doc["bounds"]
-    only = doc.get("only") or sorted(ALL_FIGURES)
+    only = doc.get("only") or sorted(ALL_FIGURES, key=figure_key)
     if set(only) >= ALL_FIGURES:
         run = f"Run: {doc['date']}, `make bench` wall time {doc['wall_s'] / 60:.1f} min"
     else:
@@ -259,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--only",
-        default=",".join(map(str, sorted(ALL_FIGURES))),
-        help="comma-separated figure numbers; the others are kept from the previous results.json",
+        default=",".join(map(str, sorted(ALL_FIGURES, key=figure_key))),
+        help="comma-separated figure ids (1,1b,3b,...); the others are kept from the previous results.json",
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
@@ -269,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "trl", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.chdir(REPO_ROOT)
-    doc = run_all(args.repeats, {int(x) for x in args.only.split(",") if x})
+    doc = run_all(args.repeats, parse_only(args.only))
     previous_path = args.out / "results.json"
     if previous_path.exists():
         doc = merge_previous(doc, json.loads(previous_path.read_text()))

@@ -75,3 +75,45 @@ def prompt_length(tokenizer: object, messages: list[dict[str, str]]) -> int:
     """Tokens of ``messages`` under the chat template, with the assistant turn opened."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+
+class RequestCapture:
+    """A stand-in back-end that records the requests a stage sends and answers with empty
+    samples (so the stage's own code builds the requests: prompts, seeds, limits, stop strings)."""
+
+    name = "capture"
+    model_id = "capture"
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def generate(self, requests: list, progress: object = None) -> list:
+        from manyways.backends.protocol import GenSample
+
+        self.requests += list(requests)
+        return [[GenSample("", "stop", 0, 0) for _ in r.seeds] for r in requests]
+
+
+def demo_generate_requests(
+    config_path: str = "configs/tiny_cpu.yaml", shards: int = 1
+) -> tuple[list, object]:
+    """The requests the generate stage sends for the first ``shards`` shards of ``config_path``
+    (its data.train problems, heuristics.n / exemplars, generate.samples / max_new_tokens /
+    temperature / stop, seeds from run.seed), captured from ``GenerateWorker`` itself; with the
+    config. One shard of ``configs/tiny_cpu.yaml`` is 5 problems x 4 heuristics x 4 samples = 80 rows,
+    one batch of its ``batch_size: 80``."""
+    from manyways.artifacts import chunks
+    from manyways.config import load_config
+    from manyways.stages.generate import GenerateWorker, load_train_problems, selected_heuristics
+
+    cfg = load_config(config_path)
+    if cfg.generate.adaptive.enabled:
+        raise ValueError("demo_generate_requests captures fixed-k generation (generate.adaptive off)")
+    problems, _ = load_train_problems(cfg)
+    heuristics, _ = selected_heuristics(cfg)
+    worker = GenerateWorker(cfg.to_dict(), [h.id if h else None for h in heuristics])
+    capture = RequestCapture()
+    worker.backend = capture
+    for _, chunk in list(chunks(problems, cfg.generate.shard_size))[:shards]:
+        worker({"problems": [p.__dict__ for p in chunk]})
+    return capture.requests, cfg

@@ -208,3 +208,217 @@ def test_latest_figures_are_kept_per_kind_of_cpu_and_labelled(tmp_path: Path) ->
     newer["machine"]["cpu_flags"] = ["amx_bf16"]
     assert bench_run.keep_by_kind(store, newer)["other_kinds"]["AVX512-BF16 without AMX"]["date"] == "tuesday"
     assert json.loads(store.read_text())["AMX"]["date"] == "wednesday"  # the latest of each kind
+
+
+# ---------------------------------------------------------------- issue 16 item 2: 1b and 3b
+def test_bound_share_of_rows_with_different_contexts_and_shared_prompts() -> None:
+    # rows 0, 1 sample prompt "a" (6 tokens), row 2 prompt "b" (5 tokens)
+    step = bounds.StepRows(contexts=(10, 10, 7), prompt_of_row=("a", "a", "b"), prompt_len_of_row=(6, 6, 5))
+    assert bounds.kv_positions_read_rows(step, shared=False) == 27
+    assert bounds.kv_positions_read_rows(step, shared=True) == 27 - 17 + 11  # "a" read once: 21
+    # FLOP: 3 * 2N + 4 L d_att * 27 = 600 + 1728; bytes: 200 + 2 (K,V) * 2 L * 21 * 4 * 2 = 872
+    assert bounds.decode_step_parts_rows_s(SHAPE, step, 2328, 872) == pytest.approx((1.0, 1.0))
+    assert bounds.decode_step_bound_rows_s(SHAPE, step, 1e12, 872) == pytest.approx(1.0)
+    assert bounds.decode_step_bound_rows_s(SHAPE, step, 1e12, 872, shared=False) == pytest.approx(1064 / 872)
+    assert bounds.decode_step_bound_rows_s(SHAPE, step, 2328 / 2, 1e12) == pytest.approx(2.0)
+    # two such steps (1 s of bound each) measured in 4 s: half of the bound
+    assert bounds.bound_share(SHAPE, [step, step], 4.0, 1e12, 872) == pytest.approx(0.5)
+    # equal contexts, one prompt: the same as the scalar shared-prefix bound of figure 3
+    same = bounds.StepRows((10, 10), ("p", "p"), (6, 6))
+    assert bounds.decode_step_bound_rows_s(SHAPE, same, 1e12, 1e3) == pytest.approx(
+        bounds.decode_step_bound_s(SHAPE, 2, 10, 1e12, 1e3, shared=6, prompts=1)
+    )
+    with pytest.raises(ValueError):
+        bounds.bound_share(SHAPE, [step], 0.0, 1e12, 872)
+    with pytest.raises(ValueError):
+        bounds.kv_positions_read_rows(bounds.StepRows((5,), ("a",), (6,)), shared=True)
+
+
+def test_step_rows_keeps_the_unfinished_rows_with_their_prompt_and_context() -> None:
+    import bench_generation
+
+    from manyways.backends.hf import _Row
+
+    a, b = object(), object()
+    rows = [
+        _Row(a, None, 6, tokens=[1, 2]),  # type: ignore[arg-type]
+        _Row(a, None, 6, tokens=[1, 2], finish="stop"),  # type: ignore[arg-type]
+        _Row(b, None, 4, tokens=[3, 4]),  # type: ignore[arg-type]
+    ]
+    step = bench_generation.step_rows(rows)
+    assert step.contexts == (8, 6) and step.prompt_len_of_row == (6, 4)
+    assert step.prompt_of_row == (id(a), id(b))
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model_dir: Path):
+    import torch
+
+    from manyways.backends.hf import HFBackend
+    from manyways.models import load_model_and_tokenizer
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    return HFBackend(model, tokenizer, model_id="tiny", batch_size=80)
+
+
+def test_backend_run_records_every_decode_step_of_the_real_backend(tiny_backend) -> None:
+    import bench_generation
+
+    from manyways.backends.protocol import GenRequest
+
+    questions = ["What is 2 + 3?", "Compute 12 * 7, then subtract 5 from it."]
+    requests = [
+        GenRequest(f"r{i}", [{"role": "user", "content": q}], (1, 2, 3), 6, 0.7)
+        for i, q in enumerate(questions)
+    ]
+    run = bench_generation.backend_run(tiny_backend, requests)
+    steps = run["steps"]
+    assert steps and len(run["step_s"]) == len(steps) and run["decode_s"] > 0
+    # each forward feeds the rows still running; the first token of each row needs no forward
+    assert sum(len(s.contexts) for s in steps) == run["decode_tokens"] - 6
+    prompt_lens = [len(tiny_backend.encode(r.messages)) for r in requests]
+    first = steps[0]
+    assert sorted(first.contexts) == sorted(n + 1 for n in prompt_lens for _ in range(3))
+    assert len(set(first.prompt_of_row)) == 2 and sorted(first.prompt_len_of_row) == sorted(prompt_lens * 3)
+    assert "_forward" not in vars(tiny_backend) and "_decode" not in vars(tiny_backend)  # unwrapped
+    shares = bench_generation.decode_bound_shares(
+        tiny_backend, [run], {"peak_fp32_flops": 1e9, "peak_bf16_flops": 1e9, "read_bandwidth_bytes_s": 1e9}
+    )
+    assert shares["decode_bound_kind"] == "shared_prefix" and shares["decode_fraction_of_bound"] > 0
+    assert shares["decode_fraction_of_shared_prefix_bound"] <= shares["decode_fraction_of_replicated_bound"]
+    assert shares["decode_rows_per_step_max"] == 6
+
+
+def test_best_plain_is_one_left_padded_batch_with_num_return_sequences(tiny_model_dir: Path) -> None:
+    import bench_best_plain
+    import torch
+
+    decided: list[tuple[str, str]] = []
+
+    def decide(workload: str, model: str) -> tuple[str, dict]:
+        decided.append((workload, model))
+        return "bfloat16", {"workload": workload, "dtype": "bfloat16", "reason": "measured", "other": 1}
+
+    model, tokenizer, decision = bench_best_plain.load_best_plain(str(tiny_model_dir), decide=decide)
+    assert decided == [("generation", str(tiny_model_dir))]
+    assert next(model.parameters()).dtype == torch.bfloat16 and tokenizer.padding_side == "left"
+    assert decision == {"workload": "generation", "dtype": "bfloat16", "reason": "measured"}
+    calls: list[dict] = []
+    inner = model.generate
+
+    def generate(**kwargs):
+        calls.append(kwargs)
+        return inner(**kwargs)
+
+    model.generate = generate
+    messages = [
+        [{"role": "user", "content": q}] for q in ("Hi", "Compute 12 * 7, then subtract 5.", "2 + 2?")
+    ]
+    out = bench_best_plain.best_plain_generate(model, tokenizer, messages, samples=3, max_new_tokens=4)
+    assert len(calls) == 1  # all prompts in one call
+    (call,) = calls
+    ids, mask = call["input_ids"], call["attention_mask"]
+    assert ids.shape[0] == 3 and call["num_return_sequences"] == 3 and call["do_sample"]
+    assert (call["temperature"], call["top_p"], call["max_new_tokens"]) == (0.7, 1.0, 4)
+    assert bool(mask[:, -1].all()) and not bool(mask[:, 0].all())  # padded on the left
+    assert bool((ids[mask == 0] == tokenizer.pad_token_id).all())
+    assert out["rows"] == 9 and 0 < out["tokens"] <= 9 * 4 and len(out["texts"]) == 9
+
+
+def test_demo_decode_workload_is_the_generate_stage_batch(
+    repo_root: Path, tmp_path: Path, monkeypatch, tiny_backend
+) -> None:
+    import workloads
+    from bench_demo_decode import figure_3b
+
+    from manyways.config import load_config
+
+    monkeypatch.chdir(repo_root)
+    cfg = load_config("configs/tiny_cpu.yaml")
+    requests, _ = workloads.demo_generate_requests("configs/tiny_cpu.yaml", shards=1)
+    g = cfg.generate
+    assert len(requests) == g.shard_size * cfg.heuristics.n
+    assert {r.n for r in requests} == {g.samples} and sum(r.n for r in requests) == g.backend.batch_size
+    assert {(r.max_new_tokens, r.temperature) for r in requests} == {(g.max_new_tokens, g.temperature)}
+    assert len({r.messages[0]["content"] for r in requests}) == cfg.heuristics.n  # the heuristics' prompts
+    assert len(requests[0].messages) == 2 + 2 * cfg.heuristics.exemplars  # system, exemplars, question
+    assert workloads.demo_generate_requests("configs/tiny_cpu.yaml", shards=1)[0] == requests  # seeded
+    short = tmp_path / "short.yaml"  # the demo's batch shape, 8 new tokens (the test's time)
+    short.write_text(
+        Path("configs/tiny_cpu.yaml").read_text().replace("max_new_tokens: 160", "max_new_tokens: 8")
+    )
+    assert load_config(short).generate.max_new_tokens == 8
+    sizes = {"fig3b_shards": 1, "fig3b_config": str(short)}
+    limits = {"peak_fp32_flops": 1e9, "peak_bf16_flops": 1e9, "read_bandwidth_bytes_s": 1e9}
+    fig = figure_3b(tiny_backend, 1, sizes, limits)
+    assert fig.number == "3b" and fig.value is not None and fig.value > 0 and fig.target == ">= 50%"
+    assert (fig.detail["first_step_rows"], fig.detail["first_step_prompts"]) == (80, 20)
+    assert fig.detail["decode_steps"] == [7] and "max_new_tokens=8" in fig.detail["workload"]
+
+
+def test_letter_figures_are_registered_sorted_and_rendered(tmp_path: Path, monkeypatch) -> None:
+    assert {"1b", "3b"} <= bench_run.ALL_FIGURES and {"1b", "3b"} <= bench_run.GENERATION_FIGURES
+    assert bench_run.parse_only("1, 1B,3b") == {1, "1b", "3b"}
+    with pytest.raises(SystemExit):
+        bench_run.parse_only("1c")
+    assert sorted([9, "3b", 2, "1b", 1, 3], key=bench_run.figure_key) == [1, "1b", 2, 3, "3b", 9]
+    previous = _doc("old", [_fig(1, 4.0), _fig(9, 20.0)])
+    partial = _doc("new", [_fig("3b", 0.3, "new"), _fig("1b", 1.2, "new")], only=["1b", "3b"])
+    merged = bench_run.merge_previous(partial, previous)
+    assert [f["number"] for f in merged["figures"]] == [1, "1b", "3b", 9]
+    path = tmp_path / "B.md"
+    bench_run.update_markdown(path, merged)
+    text = path.read_text()
+    assert "| 1b | fig1b | 1.2 |" in text and "| 3b | fig3b | 0.3 |" in text and "figures 1b,3b only" in text
+    # run_all dispatches the letter figures to the generation step
+    asked: list[set] = []
+
+    def generation(repeats: int, limits: dict, only: set) -> list:
+        asked.append(set(only))
+        return [common.Figure("3b", "share", 0.4, ">= 50%", False)]
+
+    monkeypatch.setattr(bench_run, "generation_figures", generation)
+    monkeypatch.setattr(bench_run, "machine_facts", lambda: {"cpu_model": "cpu"})
+    monkeypatch.setattr(bench_run, "dtype_auto_decisions", lambda: {})
+    monkeypatch.setattr(bounds, "measure_bounds", lambda: {})
+    doc = bench_run.run_all(1, {"3b"})
+    assert asked == [{"3b"}] and [f["number"] for f in doc["figures"]] == ["3b"] and doc["only"] == ["3b"]
+
+
+def test_figure_1b_is_ours_over_best_plain_per_repeat_with_its_dtype_decision() -> None:
+    import types
+
+    import bench_best_plain
+    import torch
+
+    backend = types.SimpleNamespace(model=torch.nn.Linear(2, 2))
+    rate = {"ours": [10.0, 12.0, 9.0], "best_plain": [5.0, 4.0, 4.5]}
+    runs = {"best_plain": [{"rows": 16, "tokens": 100}] * 3}
+    decision = {"dtype": "float32", "reason": "measured", "bf16_over_fp32_median_ratio": 0.4}
+    fig = bench_best_plain.figure_1b(backend, rate, runs, decision, "4 prompts x 4 samples", 4)
+    assert fig.number == "1b" and fig.value == pytest.approx(2.0) and fig.met is None  # ratios 2, 3, 2
+    assert (
+        fig.spread == pytest.approx(0.5)
+        and "float32" in fig.baseline
+        and "num_return_sequences=4" in fig.baseline
+    )
+    assert fig.detail["best_plain_dtype_decision"] == decision
+
+
+def test_decode_bound_detail_splits_wide_and_narrow_steps_and_takes_the_median() -> None:
+    wide = bounds.StepRows((10,) * 4, ("a",) * 4, (6,) * 4)  # shared: 200 + 2*2*(6 + 4*4)*4*2 = 904 bytes
+    narrow = bounds.StepRows((11,), ("a",), (6,))  # 1 row < half of 4: 200 + 2*2*11*4*2 = 552 bytes
+    run = {"steps": [wide, narrow], "step_s": [2.0, 4.0 * 552 / 904], "decode_s": 6.0}
+    slow = {**run, "decode_s": 12.0}
+    d = bounds.decode_bound_detail(SHAPE, [run, slow, slow], 1e12, 904, shared=True)
+    assert d["decode_wide_fraction_of_bound"] == pytest.approx(0.5)
+    assert d["decode_narrow_fraction_of_bound"] == pytest.approx(0.25)
+    whole = (1 + 552 / 904) / 12.0  # the median run
+    assert d["decode_fraction_of_bound"] == pytest.approx(whole) and d["decode_bound_kind"] == "shared_prefix"
+    assert d["decode_fraction_of_bound_per_repeat"] == pytest.approx([2 * whole, whole, whole])
+    assert d["decode_bound_limited_by"] == "memory" and d["decode_rows_per_step_max"] == 4
+    # replicated: the wide step reads 40 positions (200 + 1280 bytes), the narrow one the same 11
+    replicated = bounds.decode_bound_detail(SHAPE, [run], 1e12, 904, shared=False)
+    assert replicated["decode_bound_kind"] == "replicated"
+    assert replicated["decode_fraction_of_bound"] == pytest.approx((1480 + 552) / 904 / 6.0)
