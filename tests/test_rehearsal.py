@@ -198,6 +198,7 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
     assert rcfg.midtrain.trl == {**cfg.midtrain.trl, "report_to": "none"}
     assert (rcfg.run.seed, rcfg.heuristics) == (cfg.run.seed, cfg.heuristics)
     assert rcfg.generate.max_new_tokens == cfg.generate.max_new_tokens // 32
+    assert rcfg.analyze.max_traces == cfg.analyze.max_traces // 8 and rcfg.evaluate.samples == 64 // 8
     with pytest.raises(ValueError, match="does not divide"):
         substitute.question_factor(cfg, q + 1 if q > 1 else 7)
 
@@ -214,13 +215,22 @@ def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(
     assert "does not divide" in capsys.readouterr().err
 
 
-# The arms `make test` rehearses: one of each kind the recipe has (mid-trained at small n, the
-# reasoning teacher, incorrect traces, both fixed budgets; the base model is evaluated and analysed
-# in any case). All 15 arms of the recipe take about 45 minutes on 2 cores, too long for `make test`:
-# MANYWAYS_REHEARSAL_ARMS="$(all arms, comma-separated)" runs them through this same test.
-REHEARSAL_ARMS = "polya_n2, distill_rl, incorrect_n4, budget_16x463, budget_1x7408"
+# The arms `make test` rehearses: one of each kind the recipe has (RL from the base model, STaR,
+# mid-trained at small n, the reasoning teacher, incorrect traces, both fixed budgets; the base
+# model is evaluated and analysed in any case; the shared generation serves the largest n among
+# them, 16). The recipe's other arms are the same code at another n:
+# `make test-rehearsal` (MANYWAYS_REHEARSAL_ARMS=all) rehearses all 15, and the variable takes any
+# comma-separated set.
+REHEARSAL_ARMS = "vanilla_rl, star_rl, polya_n2, distill_rl, incorrect_n4, budget_16x463, budget_1x7408"
 
 
+def rehearsal_arms() -> str | None:
+    """The arms to rehearse: $MANYWAYS_REHEARSAL_ARMS, ``all`` (the config's own), or REHEARSAL_ARMS."""
+    arms = os.environ.get("MANYWAYS_REHEARSAL_ARMS", REHEARSAL_ARMS)
+    return None if arms.strip() == "all" else arms
+
+
+@pytest.mark.slow
 @pytest.mark.rehearsal
 def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rehearsal of configs/paper_llama3b.yaml: its arms (REHEARSAL_ARMS), evaluated and analysed, generation
@@ -231,11 +241,12 @@ def test_rehearsal_of_the_paper_recipe(tmp_path: Path, monkeypatch: pytest.Monke
     from manyways.keyuse import ENV_VAR, check_keys_read, reads_from_dir, record_reads
     from manyways.rehearsal import Scale, rehearse
 
-    arms = os.environ.get("MANYWAYS_REHEARSAL_ARMS", REHEARSAL_ARMS)
-    cfg = load_config(PAPER, [f"run.root={tmp_path / 'runs'}", f"experiment.arms=[{arms}]"])
+    arms = rehearsal_arms()
+    overrides = [f"run.root={tmp_path / 'runs'}"] + ([f"experiment.arms=[{arms}]"] if arms else [])
+    cfg = load_config(PAPER, overrides)
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "reads"))  # before Ray and the training ranks start
     with record_reads() as reads:
-        summary = rehearse(cfg, workdir=tmp_path / "work", scale=Scale(max_eval_rl_rows=8))
+        summary = rehearse(cfg, workdir=tmp_path / "work", scale=Scale(samples=16, max_eval_rl_rows=4))
     reads.paths |= reads_from_dir(tmp_path / "reads").paths
     check_keys_read(PAPER, reads)  # raises naming every key nobody read
     report = summary["report"]

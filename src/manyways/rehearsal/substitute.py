@@ -14,8 +14,8 @@ the returned :class:`Substitutions` (printed, and written to ``rehearsal.json``)
    the factor must divide every M), ``limit`` of the sources;
 4. generation lengths divided by ``scale.tokens`` (at least 16): ``generate.max_new_tokens``,
    ``evaluate.max_new_tokens``, ``rl.max_completion_length`` (and its ``rl.trl`` copy); evaluation
-   samples divided by ``scale.samples`` (at least 2); ``scale.max_eval_rl_rows`` optionally caps the
-   RL and benchmark rows further (the test suite's rehearsal uses it; train rows, on which the
+   samples and the judge's ``analyze.max_traces`` divided by ``scale.samples`` (at least 2);
+   ``scale.max_eval_rl_rows`` optionally caps the RL and benchmark rows further (the test suite's rehearsal uses it; train rows, on which the
    budget arms' arithmetic rests, never are);
 5. the cluster: ``workers`` of every Ray-executed stage capped at the declared fake GPUs;
    ``ray_address`` cleared (the rehearsal starts its own local cluster);
@@ -203,6 +203,8 @@ class _Builder:
             _set(d, "rl.trl.max_completion_length", max(MIN_TOKENS, trl_len // s.tokens), self.subs)
         samples = max(2, d["evaluate"]["samples"] // s.samples)
         _set(d, "evaluate.samples", samples, self.subs)
+        if d["analyze"]["max_traces"]:  # traces the judge labels per model (and of mid-training)
+            _set(d, "analyze.max_traces", max(2, d["analyze"]["max_traces"] // s.samples), self.subs)
         if d["evaluate"]["ks"]:
             _set(d, "evaluate.ks", sorted({k for k in d["evaluate"]["ks"] if k <= samples} | {1}), self.subs)
         overrides = d["experiment"]["overrides"]
