@@ -166,6 +166,12 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
         int(m.group(3)) * rcfg.experiment.overrides[a]["select.budget_problems"] for a, m in budgets.items()
     }
     assert len(products) == 1
+    # every step of every arm gets a valid config with the arm's overrides (as the run derives them)
+    from manyways.experiment import arm_steps, derive_config
+
+    for arm in rcfg.experiment.arms:
+        for step in arm_steps(arm, rcfg):
+            derive_config(rcfg, {**step.overrides, **rcfg.experiment.overrides.get(arm, {})})
     # untouched: learning rates, TRL batch settings, seeds, heuristics
     # the stand-in benchmarks share no question (nor 13-gram) with the stand-in training sets, so
     # decontamination leaves them whole and the recipe's analyze.benchmarks have traces to label

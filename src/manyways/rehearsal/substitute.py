@@ -212,6 +212,8 @@ class _Builder:
             m = parse_arm(arm)
             if m.group(3):
                 arm_over = overrides.setdefault(arm, {})
+                # both keys: an arm's overrides apply to each of its steps, and the two go together
+                arm_over["select.budget_heuristics"] = int(m.group(3))
                 arm_over["select.budget_problems"] = int(m.group(4)) // self.q
                 self.subs.settings[f"experiment.overrides.{arm}.select.budget_problems"] = (
                     int(m.group(4)),
