@@ -207,6 +207,10 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
     assert rcfg.analyze.max_traces == cfg.analyze.max_traces // 8 and rcfg.evaluate.samples == 64 // 8
     with pytest.raises(ValueError, match="does not divide"):
         substitute.question_factor(cfg, q + 1 if q > 1 else 7)
+    # capped benchmark and RL rows, but the RL set keeps one optimizer step of the recipe's GRPO
+    # batch on the 2 ranks: 16 per device x 4 accumulation x 2 / 16 generations = 8 prompts
+    _, capped = substitute.rehearsal_config(cfg, tmp_path / "capped", substitute.Scale(max_eval_rl_rows=4))
+    assert capped.datasets["rl"]["rows"] == 8 and capped.datasets["eval_math500"]["rows"] == 4
 
 
 def test_cli_rehearse_refuses_a_scale_that_breaks_the_budget_arms(

@@ -228,3 +228,21 @@ def test_default_model_midtrain_then_two_grpo_steps(tmp_path: Path) -> None:
     assert manifest["vanilla"] is False and math.isfinite(manifest["final_loss"])
     assert 0.0 <= manifest["mean_reward"] <= 1.0
     assert (cfg.run_dir / "rl" / "model" / "model.safetensors").is_file()
+
+
+def test_an_epoch_run_with_fewer_prompts_than_one_step_is_a_clear_error() -> None:
+    from manyways.config import load_config
+    from manyways.stages.rl import check_one_step, prompts_per_step
+    from manyways.training import TrainingDataError
+
+    cfg = load_config(None, ["rl.batch_size=16", "rl.grad_accum=4", "rl.num_generations=16"])
+    assert prompts_per_step(cfg, 2) == 8
+    check_one_step(cfg, 8, 2)  # exactly one step
+    with pytest.raises(
+        TrainingDataError, match=r"7 problems make no optimizer step: one step takes 8 prompts"
+    ):
+        check_one_step(cfg, 7, 2)
+    fixed = load_config(
+        None, ["rl.batch_size=16", "rl.grad_accum=4", "rl.num_generations=16", "rl.max_steps=3"]
+    )
+    check_one_step(fixed, 7, 2)  # a fixed step count cycles the data: fine

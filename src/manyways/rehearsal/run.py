@@ -313,7 +313,7 @@ def rehearse(
     rcfg, subs = rehearsal_config(cfg, workdir, scale)
     write_json_atomic(workdir / "rehearsal_substitutions.json", subs.to_dict())
     with rehearsal_environment(workdir, scale.fake_gpus) as train_env, local_ray(scale.fake_gpus):
-        with AccelerateStages(workdir, train_env) as runner:
+        with AccelerateStages(workdir, train_env, processes=scale.fake_gpus) as runner:
             result = run_experiment(
                 rcfg, overwrite=overwrite, show_progress=show_progress, stage_runner=runner
             )

@@ -15,7 +15,8 @@ the returned :class:`Substitutions` (printed, and written to ``rehearsal.json``)
 4. generation lengths divided by ``scale.tokens`` (at least 16): ``generate.max_new_tokens``,
    ``evaluate.max_new_tokens``, ``rl.max_completion_length`` (and its ``rl.trl`` copy); evaluation
    samples and the judge's ``analyze.max_traces`` divided by ``scale.samples`` (at least 2);
-   ``scale.max_eval_rl_rows`` optionally caps the RL and benchmark rows further (the test suite's rehearsal uses it; train rows, on which the
+   ``scale.max_eval_rl_rows`` optionally caps the RL and benchmark rows further (the RL rows
+   stay at least one optimizer step of the recipe's GRPO batch on ``fake_gpus`` ranks) (the test suite's rehearsal uses it; train rows, on which the
    budget arms' arithmetic rests, never are);
 5. the cluster: ``workers`` of every Ray-executed stage capped at the declared fake GPUs;
    ``ray_address`` cleared (the rehearsal starts its own local cluster);
@@ -57,7 +58,7 @@ class Scale:
     questions: int | None = None
     tokens: int = 32
     samples: int = 8
-    fake_gpus: int = 2
+    fake_gpus: int = 2  # declared GPUs of the Ray cluster, and the training processes
     min_rows: int = 1
     max_eval_rl_rows: int | None = None  # a further cap on RL and benchmark rows (tests)
 
@@ -151,7 +152,12 @@ class _Builder:
     def rows(self, label: str, real: int) -> int:
         rows = max(self.scale.min_rows, math.ceil(real / self.q))
         cap = self.scale.max_eval_rl_rows
-        return min(rows, cap) if cap and label != "train" else rows
+        rows = min(rows, cap) if cap and label != "train" else rows
+        if label == "rl":  # at least one optimizer step of the recipe's GRPO batch on the ranks
+            r = self.data["rl"]
+            step = r["batch_size"] * r["grad_accum"] * self.scale.fake_gpus // r["num_generations"]
+            rows = max(rows, math.ceil(step / r["epochs"]))
+        return rows
 
     def source(self, label: str, src: dict[str, Any]) -> dict[str, Any]:
         kind = src.get("kind")

@@ -157,6 +157,25 @@ def grpo_args(cfg: Config, out_dir: Path, weights: list[float], show_progress: b
     return GRPOConfig(**trainer_kwargs(GRPOConfig, defaults, dict(r.trl)))
 
 
+def prompts_per_step(cfg: Config, processes: int) -> int:
+    """Prompts one optimizer step consumes: batch x accumulation x processes / generations."""
+    r = cfg.rl
+    return r.batch_size * r.grad_accum * processes // r.num_generations
+
+
+def check_one_step(cfg: Config, problems: int, processes: int) -> None:
+    """An epoch-based run needs at least one optimizer step's prompts (else TRL stops with
+    "args.max_steps must be set to a positive value")."""
+    need = prompts_per_step(cfg, processes)
+    if cfg.rl.max_steps <= 0 and problems * cfg.rl.epochs < need:
+        raise TrainingDataError(
+            f"rl: {problems} problems make no optimizer step: one step takes {need} prompts "
+            f"(rl.batch_size {cfg.rl.batch_size} x rl.grad_accum {cfg.rl.grad_accum} x {processes} "
+            f"processes / rl.num_generations {cfg.rl.num_generations}); add problems, lower the "
+            "batch, or set rl.max_steps"
+        )
+
+
 def build_trainer(
     cfg: Config, out_dir: Path, model_path: str, problems: list[Problem], show_progress: bool = False
 ) -> tuple[Any, Any]:
@@ -191,6 +210,7 @@ def build_trainer(
     from manyways.loss_head import use_loss_head  # issue 16: completion positions only, bf16 head
 
     use_loss_head(trainer, cfg.rl.loss_head)
+    check_one_step(cfg, len(problems), trainer.accelerator.num_processes)
     return quiet_trainer(trainer), correctness
 
 
