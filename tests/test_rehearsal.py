@@ -158,6 +158,8 @@ def test_substitutions_keep_settings_and_the_budget_arithmetic(
         assert src.data_files == info["file"] and info["rows"] == max(1, math.ceil(info["real_rows"] / q))
         loaded = load_problems(src)
         assert len(loaded.problems) == info["rows"] and not loaded.set_aside, label
+        if label == "train":  # the budget arms need a correct trace for nearly every question
+            assert {p.answer for p in loaded.problems} == {"7"}
     # the arms come from the config, and N x M stays the same for every budget arm
     assert rcfg.experiment.arms == cfg.experiment.arms
     budgets = {a: parse_arm(a) for a in cfg.experiment.arms if parse_arm(a).group(3)}

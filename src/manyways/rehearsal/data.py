@@ -5,7 +5,10 @@ Each writer produces rows with the real dataset's columns and value types (AIME 
 as a list literal string, DAPO's chat-message ``prompt`` with its answer-format instructions, ...),
 so the rehearsal runs the same preset transforms as a real run. The questions are simple sums;
 half of them have the gold ``7`` (the answer the stand-in models were taught to box most of the
-time, see :mod:`manyways.rehearsal.models`) so that correct and incorrect traces both exist.
+time, see :mod:`manyways.rehearsal.models`) so that correct and incorrect traces both exist. The
+training questions all have the gold 7 (``gold_seven``): the fixed-budget arms need a correct
+trace for nearly every one of them (``budget_1x7408``: 7,408 of GSM8K's 7,473), and the stand-in's
+misses still give the incorrect-trace arms their traces.
 """
 
 from __future__ import annotations
@@ -160,15 +163,17 @@ def real_size(source: HubSource) -> int | None:
     return min(size, source.limit) if size and source.limit else size
 
 
-def write_hub_file(source: HubSource, rows: int, path: Path) -> Path:
-    """``rows`` rows shaped like ``source``'s dataset, as JSONL at ``path``."""
+def write_hub_file(source: HubSource, rows: int, path: Path, *, gold_seven: bool = False) -> Path:
+    """``rows`` rows shaped like ``source``'s dataset, as JSONL at ``path``; ``gold_seven``: every
+    gold is 7 (the even question numbers), else half of them."""
     if source.preset is not None and source.preset not in WRITERS:
         raise ValueError(f"no rehearsal rows for hub preset {source.preset!r} (known: {sorted(WRITERS)})")
     make = WRITERS[source.preset] if source.preset else (lambda i: _field_row(source, i))
     first = question_offset(source)
+    step = 2 if gold_seven else 1
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for i in range(first, first + rows):
+        for i in range(first, first + step * rows, step):
             f.write(json.dumps(make(i)) + "\n")
     return path
 

@@ -178,7 +178,9 @@ class _Builder:
         hub = HubSource.model_validate(src)
         real = real_size(hub) or UNKNOWN_SIZE
         rows = self.rows(label, real)
-        path = write_hub_file(hub, rows, self.workdir / "data" / f"{label}.jsonl")
+        path = write_hub_file(
+            hub, rows, self.workdir / "data" / f"{label}.jsonl", gold_seven=label == "train"
+        )
         self.subs.datasets[label] = {
             "hub": hub.name or hub.preset,
             "split": hub.split,
