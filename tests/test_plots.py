@@ -57,3 +57,17 @@ def test_plots_reject_empty_input() -> None:
         bar_svg({}, "empty", "y")
     with pytest.raises(ValueError, match="k values >= 1"):
         pass_at_k_svg({"bad": {0: (0.1, 0.0, 0.2)}}, "bad k")
+
+
+def test_grouped_bars_draw_a_ci_that_misses_its_value_one_sided() -> None:
+    """A per-question mean can fall outside its percentile CI by rounding (or with few values):
+    the figure is drawn (the rehearsal's report once died on matplotlib's negative yerr)."""
+    from manyways.plots import grouped_bar_svg
+
+    svg = grouped_bar_svg(
+        {"polya_n2": {"ngram": (1.5, 1.5000000000000002, 1.7)}, "budget": {"ngram": (2.0, 1.0, 1.9)}},
+        "per-question Vendi",
+        "Vendi",
+    )
+    ET.fromstring(svg)
+    assert "polya_n2" in svg and "budget" in svg

@@ -117,8 +117,10 @@ def grouped_bar_svg(
                 value, low, high = groups[group][name]
                 xs.append(i + (j - (len(series) - 1) / 2) * width)
                 heights.append(value)
-                lows.append(value - (value if low is None else low))
-                highs.append((value if high is None else high) - value)
+                # a CI that misses its value (rounding, or a mean outside a percentile interval
+                # of few values) is drawn one-sided, not refused by matplotlib
+                lows.append(max(0.0, value - (value if low is None else low)))
+                highs.append(max(0.0, (value if high is None else high) - value))
             bars = ax.bar(xs, heights, width, label=name, yerr=[lows, highs], capsize=3)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         rotate = len(labels) > 4 or max(len(label) for label in labels) > 12
