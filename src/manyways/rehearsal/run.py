@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -168,7 +169,9 @@ class AccelerateStages:
         ]  # fmt: skip
         env = {**self.env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
         with open(self._log, "wb") as f:
-            self._proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(  # its own process group: a kill reaches the ranks too
+                cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
         log.info(
             "started %d training processes (torch.distributed.run, gloo), log %s", self.processes, self._log
         )
@@ -192,14 +195,13 @@ class AccelerateStages:
     def _stop(self, kill: bool = False) -> None:
         if self._proc is None:
             return
-        if kill:
-            self._proc.kill()
-        elif self._queue is not None:
+        if not kill and self._queue is not None:
             (self._queue / "stop").touch()
         try:
-            self._proc.wait(timeout=60)
+            self._proc.wait(timeout=0 if kill else 60)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
         self._proc = None
 
