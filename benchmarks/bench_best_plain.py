@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import torch
-from common import Figure, median_spread, ratio_samples, useful_tokens
+from common import PLAIN_SAMPLING, Figure, median_spread, ratio_samples, useful_tokens
 
 from manyways.dtype_auto import resolve_auto_dtype
 from manyways.models import DEFAULT_MODEL, load_model_and_tokenizer
@@ -54,9 +54,7 @@ def best_plain_generate(
     with torch.inference_mode():
         out = model.generate(
             **batch,
-            do_sample=True,
-            temperature=0.7,
-            top_p=1.0,
+            **PLAIN_SAMPLING,
             max_new_tokens=max_new_tokens,
             num_return_sequences=samples,
             pad_token_id=tokenizer.pad_token_id,

@@ -26,7 +26,16 @@ from typing import Any
 import torch
 from bench_best_plain import best_plain_generate, figure_1b
 from bounds import ModelShape, StepRows, decode_bound_detail, decode_step_bound_s
-from common import Figure, interleave, median_spread, meets, ratio_samples, timed, useful_tokens
+from common import (
+    PLAIN_SAMPLING,
+    Figure,
+    interleave,
+    median_spread,
+    meets,
+    ratio_samples,
+    timed,
+    useful_tokens,
+)
 from workloads import heuristic_prompts, long_context_messages, prompt_length
 
 from manyways.backends.config import BackendConfig
@@ -85,9 +94,7 @@ def plain_generate(
             with torch.inference_mode():
                 out = model.generate(
                     **ids,
-                    do_sample=True,
-                    temperature=0.7,
-                    top_p=1.0,
+                    **PLAIN_SAMPLING,
                     max_new_tokens=max_new_tokens,
                     num_return_sequences=samples,
                     pad_token_id=tokenizer.pad_token_id,
@@ -132,7 +139,13 @@ def backend_generate(
 ) -> dict[str, Any]:
     """The project's back-end on the same prompts (seeds ``1000 * i + j``, temperature 0.7)."""
     requests = [
-        GenRequest(f"r{i}", m, tuple(range(1000 * i, 1000 * i + samples)), max_new_tokens, 0.7)
+        GenRequest(
+            f"r{i}",
+            m,
+            tuple(range(1000 * i, 1000 * i + samples)),
+            max_new_tokens,
+            PLAIN_SAMPLING["temperature"],
+        )
         for i, m in enumerate(messages)
     ]
     return backend_run(backend, requests)

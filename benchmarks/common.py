@@ -40,6 +40,10 @@ class Figure:
         return asdict(self)
 
 
+# the plain transformers baselines' sampling (figure 1's workload: ours samples at the same settings)
+PLAIN_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 1.0}
+
+
 def median_spread(values: Sequence[float]) -> tuple[float, float]:
     """(median, (max - min) / median) of ``values``; spread is 0 for one value."""
     if not values:

@@ -1,16 +1,14 @@
-"""Entry point of the training stages on several processes (every rank runs this).
+"""The training ranks of a rehearsal (every rank runs this; :class:`manyways.rehearsal.run.AccelerateStages`
+starts them).
 
 ``ACCELERATE_USE_CPU=true python -m torch.distributed.run --standalone --nproc_per_node 2 -m
-manyways.rehearsal.launch SPEC.json`` (also ``accelerate launch ... -m manyways.rehearsal.launch``)
-where SPEC holds the stage name, the resolved config, the output directory and the inputs; the
-stage's own ``run`` does the rest (rank 0 writes, the others wait), as in the recipe's multi-GPU
-launch.
-
-``... -m manyways.rehearsal.launch --serve QUEUE_DIR`` keeps the ranks alive for a sequence of
-stages (a rehearsal runs ~30 of them; starting two processes that import torch, transformers and
-TRL took ~20 s each time): the ranks run ``QUEUE_DIR/0000.json``, ``0001.json``, ... in order as
-the driver writes them; after all ranks finished one, rank 0 writes ``NNNN.done``. A failing
-stage ends the processes (the driver reads the log); a ``stop`` file ends them cleanly.
+manyways.rehearsal.launch --serve QUEUE_DIR``: the ranks stay alive for a sequence of stages (a
+rehearsal runs ~30 of them; starting two processes that import torch, transformers and TRL took
+~20 s each time) and run ``QUEUE_DIR/0000.json``, ``0001.json``, ... in order as the driver writes
+them. Each spec holds the stage name, the resolved config, the output directory and the inputs;
+the stage's own ``run`` does the rest (rank 0 writes, the others wait), as in the recipe's
+multi-GPU launch. After all ranks finished one, rank 0 writes ``NNNN.done``. A failing stage ends
+the processes (the driver reads the log); a ``stop`` file ends them cleanly.
 """
 
 from __future__ import annotations
@@ -62,8 +60,8 @@ def serve(queue: Path, rank: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not (len(args) == 1 or (len(args) == 2 and args[0] == "--serve")):
-        print("usage: python -m manyways.rehearsal.launch SPEC.json | --serve QUEUE_DIR", file=sys.stderr)
+    if len(args) != 2 or args[0] != "--serve":
+        print("usage: python -m manyways.rehearsal.launch --serve QUEUE_DIR", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
@@ -72,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if args[0] == "--serve":
-        return serve(Path(args[1]), rank)
-    run_spec(Path(args[0]))
-    return 0
+    return serve(Path(args[1]), rank)
 
 
 if __name__ == "__main__":
