@@ -171,7 +171,8 @@ def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any
         finally:
             end = time.perf_counter()
             clock["decode_s"] += end - t0
-            step_s.extend(b - a for a, b in zip(stamps, [*stamps[1:], end], strict=True))
+            # a decode that ends before any forward (1 new token: figure 2) records no step
+            step_s.extend(b - a for a, b in zip(stamps, [*stamps[1:], end][: len(stamps)], strict=True))
             live.clear()
 
     def forward(ids: torch.Tensor, *args: Any) -> torch.Tensor:
