@@ -184,3 +184,21 @@ def test_menu_comes_before_the_trace_so_prompts_share_a_prefix() -> None:
     prefix = a[:shared]
     assert all(f"- {e.id}:" in prefix for e in tax.entries) and "JSON list" in prefix  # menu + instruction
     assert prefix.index("JSON list") < prefix.index("Problem:")
+
+
+def test_judge_requests_declare_the_menu_as_their_shared_prefix() -> None:
+    from manyways.backends.protocol import check_request
+    from manyways.composition import judge_prefix
+
+    tax = load_taxonomy()
+    judge = ScriptedJudge(['["decompose"]'])
+    sent: list = []
+    real = judge.generate
+    judge.generate = lambda requests, progress=None: (sent.extend(requests), real(requests))[1]  # type: ignore[method-assign]
+    label_traces(judge, tax, ["one", "two"], questions=["q1", None])
+    label_traces(judge, tax, ["three"], max_labels=1)
+    assert [r.shared_prefix for r in sent] == [judge_prefix(tax)] * 2 + [judge_prefix(tax, 1)]
+    for request in sent:
+        check_request(request)  # the declared prefix starts the user message
+        assert "JSON list" in request.shared_prefix and "Problem:" not in request.shared_prefix
+    assert judge_prefix(tax) != judge_prefix(tax, 1)

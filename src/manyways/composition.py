@@ -77,12 +77,10 @@ def judge_token_budget(schema: dict[str, Any]) -> int:
     return len(longest_answer(schema)) + 2
 
 
-def judge_messages(
-    taxonomy: Taxonomy, trace: str, question: str | None = None, max_labels: int = MAX_LABELS
-) -> list[dict[str, str]]:
-    """The judge prompt. The taxonomy menu and the instruction come first, so every trace's prompt
-    shares one long prefix (prefilled once by back-ends that share prefixes); then the problem and
-    the whole trace (never cut: a trace too long for the judge is counted, see ``label_traces``)."""
+def judge_prefix(taxonomy: Taxonomy, max_labels: int = MAX_LABELS) -> str:
+    """The fixed start of every judge prompt's user message for this menu: the menu, then the
+    instruction. Requests declare it (``GenRequest.shared_prefix``) so back-ends that keep
+    prefixes prefill it once for every trace and batch."""
     menu = "\n".join(f"- {e.id}: {e.description}" for e in taxonomy.entries)
     if max_labels == 1:
         instruction = (
@@ -95,7 +93,17 @@ def judge_messages(
             f"{MIN_LABELS} to {max_labels} ids from the list, in the order of the list, for example "
             f'["{taxonomy.ids[0]}", "{taxonomy.ids[-1]}"], and nothing else.'
         )
-    parts = [f"Heuristics (id: description):\n{menu}\n", instruction + "\n"]
+    return f"Heuristics (id: description):\n{menu}\n\n{instruction}\n"
+
+
+def judge_messages(
+    taxonomy: Taxonomy, trace: str, question: str | None = None, max_labels: int = MAX_LABELS
+) -> list[dict[str, str]]:
+    """The judge prompt. The taxonomy menu and the instruction come first (:func:`judge_prefix`),
+    so every trace's prompt shares one long prefix (prefilled once by back-ends that keep
+    prefixes); then the problem and the whole trace (never cut: a trace too long for the judge
+    is counted, see ``label_traces``)."""
+    parts = [judge_prefix(taxonomy, max_labels)]
     if question:
         parts.append(f"Problem:\n{question.strip()}\n")
     parts.append(f"Solution:\n{trace.strip()}\n")
@@ -170,6 +178,7 @@ def label_traces(
     out: list[ParsedLabels | None] = [None] * len(traces)
     context_tokens = context_tokens or _model_context(backend)
     requests = []
+    shared = judge_prefix(taxonomy, max_labels)
     for i, (t, q) in enumerate(zip(traces, qs, strict=True)):
         messages = judge_messages(taxonomy, t, q, max_labels)
         if context_tokens is not None and _prompt_tokens(backend, messages) + budget > context_tokens:
@@ -178,7 +187,13 @@ def label_traces(
         seeds = (unit_seed(seed, f"judge-{i}", "composition", 0),)
         requests.append(
             GenRequest(
-                f"judge-{i}", messages, seeds, budget, temperature, json_schema=schema if constrain else None
+                f"judge-{i}",
+                messages,
+                seeds,
+                budget,
+                temperature,
+                json_schema=schema if constrain else None,
+                shared_prefix=shared,
             )
         )
     results = backend.generate(requests) if requests else []

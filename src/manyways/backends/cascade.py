@@ -1,6 +1,8 @@
-"""Shared-prefix (cascade) decode attention: one copy of each prompt's KV for all its samples.
+"""Shared-prefix (cascade) attention: one copy of a shared prefix's KV for all the rows reading it.
 
-The k samples of one prompt share the prompt's keys and values. :func:`to_cascade` turns a
+The k samples of one prompt share the prompt's keys and values; the prompts of a judge's batch
+share the heuristic menu in front of each trace (:func:`shared_cascade`: one prefix for every
+row, each row's prompt remainder prefilled into its own suffix, on top of the prefix). :func:`to_cascade` turns a
 prefilled cache (one row per prompt, :class:`~manyways.backends.kv_cache.GrowingLayer` layers)
 into a :class:`CascadeCache`: each layer keeps the prompts' KV once (the *prefix*, ``[prompts,
 kv_heads, ...]``) and a per-sample buffer for the generated tokens (the *suffix*, ``[rows, ...]``).
@@ -76,14 +78,26 @@ class CascadeLayer(GrowingLayer):
     keys (``prefix_kt``: ``[prompts, kv_heads, dim, prefix_len]``) and values (``prefix_v``:
     ``[prompts, kv_heads, prefix_len, dim]``) stored once."""
 
-    def __init__(self, prefix: GrowingLayer, *, max_len: int | None) -> None:
-        super().__init__(store_dtype=prefix.dtype, max_len=max_len)
-        assert prefix.keys is not None and prefix.values is not None
-        self.prefix_kt = prefix.keys.transpose(-1, -2).contiguous()
-        self.prefix_v = prefix.values.contiguous()
-        self.prefix_len = prefix.length
-        self.dtype, self.device, self.is_initialized = prefix.dtype, prefix.device, True
+    def __init__(
+        self,
+        prefix_kt: torch.Tensor,
+        prefix_v: torch.Tensor,
+        *,
+        store_dtype: torch.dtype,
+        max_len: int | None,
+    ) -> None:
+        super().__init__(store_dtype=store_dtype, max_len=max_len)
+        self.prefix_kt, self.prefix_v = prefix_kt, prefix_v  # read only: may be shared (PrefixStore)
+        self.prefix_len = prefix_v.shape[-2]
+        self.dtype, self.device, self.is_initialized = store_dtype, prefix_v.device, True
         self.unread = False  # an update whose attention has not run cascade_attention yet
+
+    @classmethod
+    def of(cls, prefix: GrowingLayer, *, max_len: int | None) -> CascadeLayer:
+        """The cascade layer over the filled positions of a prefilled ``prefix`` layer."""
+        assert prefix.keys is not None and prefix.values is not None
+        kt, v = prefix.keys.transpose(-1, -2).contiguous(), prefix.values.contiguous()
+        return cls(kt, v, store_dtype=prefix.dtype, max_len=max_len)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -152,17 +166,30 @@ def to_cascade(
     prompts ``prompt_of_row``; ``prefix_mask`` is the prefill's attention mask (0 = padding)."""
     if not all(type(layer) is GrowingLayer for layer in cache.layers):
         raise TypeError("to_cascade needs GrowingLayer caches (see kv_cache.all_growing)")
-    layers = [CascadeLayer(layer, max_len=max_new_tokens) for layer in cache.layers]
+    layers = [CascadeLayer.of(layer, max_len=max_new_tokens) for layer in cache.layers]
     return CascadeCache(layers, prefix_mask, prompt_of_row)
+
+
+def shared_cascade(prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: int, max_len: int) -> CascadeCache:
+    """A cascade cache in which ``rows`` rows share one prefix (``prefix``: per layer, keys^T
+    ``[1, kv_heads, dim, P]`` and values ``[1, kv_heads, P, dim]``, never written to) and each
+    row's own positions (its prompt's remainder, then its generated tokens: up to ``max_len``)
+    go to its suffix."""
+    layers = [CascadeLayer(kt, v, store_dtype=v.dtype, max_len=max_len) for kt, v in prefix]
+    mask = torch.ones((1, prefix[0][1].shape[-2]), dtype=torch.bool, device=prefix[0][1].device)
+    return CascadeCache(layers, mask, [0] * rows)
 
 
 def _part(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of float32 ``scores`` over ``values``: (output in the values' dtype,
-    log-sum-exp of the scores in float32)."""
+    log-sum-exp of the scores in float32). A query whose scores are all masked (a left-padding
+    position of a prefill) gets output 0 and log-sum-exp -inf, so the merge gives it the other
+    part alone instead of NaN."""
     peak = scores.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     weights = torch.exp(scores - peak)
-    total = weights.sum(dim=-1, keepdim=True)
-    out = torch.matmul((weights / total).to(values.dtype), values)
+    total = weights.sum(dim=-1, keepdim=True)  # >= 1 unless every score is masked (then 0)
+    out = torch.matmul((weights / total.clamp(min=1.0)).to(values.dtype), values)
     return out, (peak + torch.log(total)).squeeze(-1)
 
 
@@ -175,38 +202,46 @@ def cascade_attention(
     layer: CascadeLayer,
     cache: CascadeCache,
 ) -> torch.Tensor:
-    """Attention of one query token per row (``query``: ``[rows, heads, 1, dim]``) over its
-    prompt's prefix and its own suffix (``key``/``value``: ``[rows, kv_heads, suffix, dim]``);
-    ``attention_mask`` covers prefix + suffix (or is None). Returns ``[rows, kv_heads, group, dim]``
-    in the values' dtype."""
+    """Attention of each row's queries (``query``: ``[rows, heads, q_len, dim]``; one token when
+    decoding, a prompt's remainder when prefilling on top of a shared prefix) over its prompt's
+    prefix and its own suffix (``key``/``value``: ``[rows, kv_heads, suffix, dim]``, the new tokens
+    included). ``attention_mask`` covers prefix + suffix (``[rows, 1, q_len, prefix + suffix]``,
+    boolean or additive) or is None (then the suffix part is causal). Returns ``[rows, q_len, heads,
+    dim]`` in the values' dtype (transformers' attention-function layout)."""
     layer.unread = False
-    rows, heads, _, dim = query.shape
-    kv_heads, prompts = key.shape[1], layer.prefix_kt.shape[0]
+    rows, heads, q_len, dim = query.shape
+    kv_heads, prompts, suffix = key.shape[1], layer.prefix_kt.shape[0], key.shape[2]
     group = heads // kv_heads
-    q = query.to(key.dtype).reshape(rows, kv_heads, group, dim)
+    span = group * q_len  # the query rows of one KV head: (query head in group, position)
+    q = query.to(key.dtype).reshape(rows, kv_heads, span, dim)
     groups = cache.groups
     width = groups.slots.shape[1]
     # prefix: the rows of one prompt stacked as extra query positions of that prompt
-    qp = q.index_select(0, groups.slots.reshape(-1)).reshape(prompts, width, kv_heads, group, dim)
-    qp = qp.transpose(1, 2).reshape(prompts, kv_heads, width * group, dim)
-    s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*group, prefix]
+    qp = q.index_select(0, groups.slots.reshape(-1)).reshape(prompts, width, kv_heads, span, dim)
+    qp = qp.transpose(1, 2).reshape(prompts, kv_heads, width * span, dim)
+    s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*span, prefix]
     s1 = s1.masked_fill(~cache.prefix_mask[:, None, None, :], float("-inf"))
     o1, lse1 = _part(s1, layer.prefix_v)
-    o1 = o1.reshape(prompts, kv_heads, width, group, dim).transpose(1, 2).reshape(-1, kv_heads, group, dim)
-    lse1 = lse1.reshape(prompts, kv_heads, width, group).transpose(1, 2).reshape(-1, kv_heads, group)
+    o1 = o1.reshape(prompts, kv_heads, width, span, dim).transpose(1, 2).reshape(-1, kv_heads, span, dim)
+    lse1 = lse1.reshape(prompts, kv_heads, width, span).transpose(1, 2).reshape(-1, kv_heads, span)
     o1, lse1 = o1.index_select(0, groups.slot_of_row), lse1.index_select(0, groups.slot_of_row)
-    # suffix: each row against its own generated tokens
-    s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, suffix]
+    # suffix: each row against its own tokens (a prompt's remainder and/or generated tokens)
+    s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, span, suffix]
+    s2 = s2.reshape(rows, kv_heads, group, q_len, suffix)
     if attention_mask is not None:
-        suffix_mask = attention_mask[..., layer.prefix_len :]
+        suffix_mask = attention_mask[..., layer.prefix_len :][:, :, None]  # [rows, 1, 1, q_len, suffix]
         if suffix_mask.dtype == torch.bool:
             s2 = s2.masked_fill(~suffix_mask, float("-inf"))
         else:
             s2 = s2 + suffix_mask.float()
-    o2, lse2 = _part(s2, value)
+    elif q_len > 1:  # causal over the suffix: query t sees suffix positions <= suffix - q_len + t
+        seen = torch.ones((q_len, suffix), dtype=torch.bool, device=s2.device).tril(suffix - q_len)
+        s2 = s2.masked_fill(~seen, float("-inf"))
+    o2, lse2 = _part(s2.reshape(rows, kv_heads, span, suffix), value)
     peak = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - peak)[..., None], torch.exp(lse2 - peak)[..., None]
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(value.dtype)
+    out = ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(value.dtype)
+    return out.reshape(rows, kv_heads, group, q_len, -1).reshape(rows, heads, q_len, -1).transpose(1, 2)
 
 
 def find_cascade(kwargs: dict[str, Any], module: Any) -> tuple[CascadeLayer, CascadeCache] | None:

@@ -7,7 +7,11 @@ remainder once on top of it (left-padded after the prefix, with explicit positio
 groups' caches are merged, left-padded to one length; then all sample rows decode together, each
 prompt's KV kept once for all its samples (:mod:`manyways.backends.cascade`; with
 ``cascade=False``, or one sample per prompt, the cache is expanded to one row per sample);
-finished rows leave the batch. Every sample draws from its own ``torch.Generator`` seeded with its
+finished rows leave the batch. A batch of one-sample prompts that declare the same shared prefix
+(``GenRequest.shared_prefix``: the judge's menu) takes another path: the prefix's KV comes from
+the process-wide :mod:`~manyways.backends.prefix_store` (prefilled once per model and process),
+each prompt's remainder is prefilled into its own row on top of it and decoded there, all rows
+reading the one copy of the prefix (cascade attention, prefill and decode). Every sample draws from its own ``torch.Generator`` seeded with its
 seed, so it does not depend on its batch-mates except through floating-point effects of padding
 and batch shape (bit-identical in our fp32 CPU tests; in bf16 or on GPU a near-tie can
 occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
@@ -36,7 +40,7 @@ from typing import Any
 
 import torch
 
-from manyways.backends.cascade import CascadeCache, to_cascade
+from manyways.backends.cascade import CascadeCache, shared_cascade, to_cascade
 from manyways.backends.config import BackendConfig, resolve_dtype
 from manyways.backends.kv_cache import (
     all_growing,
@@ -44,6 +48,7 @@ from manyways.backends.kv_cache import (
     merge_left_padded,
     register_decode_attention,
 )
+from manyways.backends.prefix_store import PREFIX_STORE, PrefixLayers, weights_fingerprint
 from manyways.backends.protocol import (
     BackendStats,
     GenRequest,
@@ -53,7 +58,13 @@ from manyways.backends.protocol import (
     renormalise,
     truncate_at_stop,
 )
-from manyways.backends.sampling import plan_batches, prefix_groups, select_tokens, shared_prefix_len
+from manyways.backends.sampling import (
+    common_prefix_len,
+    plan_batches,
+    prefix_groups,
+    select_tokens,
+    shared_prefix_len,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +90,7 @@ class _Unit:
     request: GenRequest
     seeds: tuple[int, ...]
     tokens: list[int]
+    declared: int = 0  # tokens of the request's declared shared prefix (GenRequest.shared_prefix)
 
 
 def cache_keyword(model: Any) -> str:
@@ -126,6 +138,8 @@ class HFBackend:
         self._mergeable = all_growing(model.config)  # prefix groups' caches can share one batch
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids))
+        self._declared_tokens: dict[str, list[int]] = {}  # rendered head -> its tokens
+        self._weights_key: str | None = None  # weights_fingerprint, computed on first use
 
     @classmethod
     def from_config(cls, cfg: BackendConfig, model_id: str) -> HFBackend:
@@ -169,8 +183,10 @@ class HFBackend:
         for index, request in enumerate(requests):
             check_request(request)
             tokens = self.encode(request.messages)
+            declared = self._declared_len(request, tokens)
             for start in range(0, request.n, self.batch_size):
-                units.append(_Unit(index, request, request.seeds[start : start + self.batch_size], tokens))
+                seeds = request.seeds[start : start + self.batch_size]
+                units.append(_Unit(index, request, seeds, tokens, declared))
         results: list[list[GenSample]] = [[] for _ in requests]
         batches = plan_batches([u.tokens for u in units], [len(u.seeds) for u in units], self.batch_size)
         with torch.inference_mode(), self._attention():
@@ -197,7 +213,41 @@ class HFBackend:
             self._store_dtype = None
             self.model.set_attn_implementation(before)
 
+    def _declared_len(self, request: GenRequest, tokens: list[int]) -> int:
+        """How many of ``tokens`` (the whole prompt) are the request's declared shared prefix: the
+        tokens the prompt shares with its messages cut after ``shared_prefix`` (so a token merged
+        across the boundary is left out); 0 when none is declared."""
+        if not request.shared_prefix:
+            return 0
+        last = request.messages[-1]
+        head = [*request.messages[:-1], {**last, "content": request.shared_prefix}]
+        key = repr(head)
+        if key not in self._declared_tokens:
+            if len(self._declared_tokens) >= 64:
+                self._declared_tokens.clear()
+            self._declared_tokens[key] = self.encode(head)
+        return min(common_prefix_len(self._declared_tokens[key], tokens), len(tokens) - 1)
+
+    def _declared_prefix(self, units: list[_Unit]) -> list[int] | None:
+        """The declared prefix every unit of the batch shares, when the batch can decode with it
+        (one sample per prompt, cascade attention available); None otherwise."""
+        first = units[0]
+        if not (first.declared and self.prefix_sharing and self._use_cascade(2, 1)):
+            return None
+        prefix = first.tokens[: first.declared]
+        for unit in units:
+            if (
+                len(unit.seeds) != 1
+                or unit.declared != first.declared
+                or unit.tokens[: unit.declared] != prefix
+            ):
+                return None
+        return prefix
+
     def _generate_batch(self, units: list[_Unit], progress: ProgressCallback | None) -> list[list[GenSample]]:
+        prefix = self._declared_prefix(units)
+        if prefix is not None:
+            return self._generate_on_prefix(units, prefix, progress)
         token_lists = [u.tokens for u in units]
         max_len = max(len(t) for t in token_lists) + max(u.request.max_new_tokens for u in units)
         groups = prefix_groups(token_lists) if self.prefix_sharing else [range(len(units))]
@@ -214,17 +264,7 @@ class HFBackend:
             mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
         else:
             cache, logits, mask, positions = self._prefill(token_lists, max_len)
-        rows: list[_Row] = []
-        unit_of_row: list[int] = []
-        for k, unit in enumerate(units):
-            for seed in unit.seeds:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(int(seed) % 2**63)
-                rows.append(_Row(unit.request, generator, len(unit.tokens)))
-                if unit.request.json_schema is not None:
-                    rows[-1].matcher = self._constraint().matcher(unit.request.json_schema)
-                unit_of_row.append(k)
-                self.stats.prompt_tokens_submitted += len(unit.tokens)
+        rows, unit_of_row = self._rows(units)
         index = torch.tensor(unit_of_row, device=self.device)
         if self._use_cascade(len(rows), len(units)):  # one copy of each prompt's KV for its samples
             max_new = max(u.request.max_new_tokens for u in units)
@@ -237,6 +277,71 @@ class HFBackend:
         for k, sample in zip(unit_of_row, samples, strict=True):
             grouped[k].append(sample)
         return grouped
+
+    def _rows(self, units: list[_Unit]) -> tuple[list[_Row], list[int]]:
+        """One row per sample (its own seeded generator and, for a JSON schema, grammar matcher)
+        and the unit each row belongs to."""
+        rows: list[_Row] = []
+        unit_of_row: list[int] = []
+        for k, unit in enumerate(units):
+            for seed in unit.seeds:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(int(seed) % 2**63)
+                rows.append(_Row(unit.request, generator, len(unit.tokens)))
+                if unit.request.json_schema is not None:
+                    rows[-1].matcher = self._constraint().matcher(unit.request.json_schema)
+                unit_of_row.append(k)
+                self.stats.prompt_tokens_submitted += len(unit.tokens)
+        return rows, unit_of_row
+
+    def _generate_on_prefix(
+        self, units: list[_Unit], prefix: list[int], progress: ProgressCallback | None
+    ) -> list[list[GenSample]]:
+        """A batch of one-sample prompts that share a declared prefix: the prefix's KV once (from
+        the process-wide store when this model prefilled it before), each prompt's remainder
+        prefilled on top of it into its row's own cache (cascade attention), then decoded."""
+        n, start = len(units), len(prefix)
+        rests = [u.tokens[start:] for u in units]
+        width = max(len(r) for r in rests)
+        max_new = max(u.request.max_new_tokens for u in units)
+        cache = shared_cascade(self._prefix_kv(prefix), n, width + max_new)
+        ids, rest_mask = self._left_pad(rests, width)
+        mask = torch.cat([torch.ones((n, start), dtype=torch.long, device=self.device), rest_mask], dim=1)
+        positions = (start + rest_mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self._forward(ids, mask, positions, cache)
+        self.stats.prefill_tokens_computed += ids.numel()
+        rows, _ = self._rows(units)
+        self._decode(rows, cache, logits, mask, positions[:, -1] + 1, progress)
+        return [[self._to_sample(row)] for row in rows]
+
+    def _prefix_kv(self, prefix: list[int]) -> PrefixLayers:
+        """Keys^T and values of ``prefix`` per layer (one row), from :data:`PREFIX_STORE` or
+        prefilled now and stored there."""
+        if self._weights_key is None:
+            self._weights_key = weights_fingerprint(self.model)
+        key = (self._weights_key, str(self._store_dtype), str(self.device), tuple(prefix))
+        found = PREFIX_STORE.get(key)
+        if found is not None:
+            return found
+        cache = make_cache(self.model.config, store_dtype=self._store_dtype, max_len=len(prefix))
+        ids = torch.tensor([prefix], device=self.device)
+        self._forward(ids, torch.ones_like(ids), torch.arange(len(prefix), device=self.device)[None], cache)
+        self.stats.prefill_tokens_computed += len(prefix)
+        layers = [
+            (layer.keys.transpose(-1, -2).contiguous(), layer.values.contiguous()) for layer in cache.layers
+        ]
+        PREFIX_STORE.put(key, layers)
+        return layers
+
+    def _left_pad(self, token_lists: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``token_lists`` right-aligned in ``[n, width]`` (pad id before) and their 0/1 mask."""
+        n, dev = len(token_lists), self.device
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+        for i, tokens in enumerate(token_lists):
+            ids[i, width - len(tokens) :] = torch.tensor(tokens, device=dev)
+            mask[i, width - len(tokens) :] = 1
+        return ids, mask
 
     def _use_cascade(self, rows: int, prompts: int) -> bool:
         """Shared-prefix decode: on, decode attention active, every cache layer a GrowingLayer,
@@ -275,12 +380,7 @@ class HFBackend:
             self.stats.prefill_tokens_computed += prefix_len
             cache.batch_repeat_interleave(n)
         rests = [t[prefix_len:] for t in token_lists]
-        width = max(len(r) for r in rests)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-        rest_mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-        for i, rest in enumerate(rests):
-            ids[i, width - len(rest) :] = torch.tensor(rest, device=dev)
-            rest_mask[i, width - len(rest) :] = 1
+        ids, rest_mask = self._left_pad(rests, max(len(r) for r in rests))
         mask = torch.cat([torch.ones((n, prefix_len), dtype=torch.long, device=dev), rest_mask], dim=1)
         positions = (prefix_len + rest_mask.cumsum(dim=1) - 1).clamp(min=0)
         logits = self._forward(ids, mask, positions, cache)

@@ -190,7 +190,14 @@ def decode_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    if query.shape[2] != 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+    special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+    from manyways.backends.cascade import cascade_attention, find_cascade
+
+    found = None if special else find_cascade(kwargs, module)
+    if found is not None:  # shared-prefix attention, decode or prefill (manyways.backends.cascade)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return cascade_attention(query, key, value, attention_mask, scale, *found).to(dtype), None
+    if query.shape[2] != 1 or special:
         # prefill: SDPA, in float32 on CPU (its flash kernel is several times slower in bf16)
         work = torch.float32 if query.device.type == "cpu" else key.dtype
         # contiguous: on the cache's strided views SDPA falls back to its slow math kernel
@@ -200,12 +207,6 @@ def decode_attention(
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
-    from manyways.backends.cascade import cascade_attention, find_cascade
-
-    found = find_cascade(kwargs, module)
-    if found is not None:  # shared-prefix decode (manyways.backends.cascade)
-        out = cascade_attention(query, key, value, attention_mask, scale, *found)
-        return out.reshape(rows, 1, heads, value.shape[-1]).to(dtype), None
     q = query.to(key.dtype).reshape(rows, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, length]
     if attention_mask is not None:

@@ -33,6 +33,9 @@ class GenRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop strings; the matched stop string is not part of the text
     json_schema: dict | None = None  # constrain the answer to this JSON schema (back-ends that can)
+    # the start of the last message's content that many requests share (a judge's menu): back-ends
+    # that keep prefixes (hf: manyways.backends.prefix_store) prefill it once for all of them
+    shared_prefix: str = ""
 
     @property
     def n(self) -> int:
@@ -109,6 +112,12 @@ def check_request(request: GenRequest) -> None:
         raise ValueError(f"request {request.request_id!r}: temperature must be >= 0")
     if not 0 < request.top_p <= 1:
         raise ValueError(f"request {request.request_id!r}: top_p must be in (0, 1]")
+    if request.shared_prefix and not (
+        request.messages and str(request.messages[-1].get("content", "")).startswith(request.shared_prefix)
+    ):
+        raise ValueError(
+            f"request {request.request_id!r}: shared_prefix is not the start of the last message's content"
+        )
 
 
 def renormalise(probs: dict[str, float]) -> dict[str, float]:
