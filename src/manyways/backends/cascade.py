@@ -213,35 +213,75 @@ def cascade_attention(
     kv_heads, prompts, suffix = key.shape[1], layer.prefix_kt.shape[0], key.shape[2]
     group = heads // kv_heads
     span = group * q_len  # the query rows of one KV head: (query head in group, position)
-    q = query.to(key.dtype).reshape(rows, kv_heads, span, dim)
+    flash = q_len > 1 and query.device.type == "cpu"  # a prefill: the fused kernel, see _flash_part
+    work = torch.float32 if flash else key.dtype
+    q = query.to(work).reshape(rows, kv_heads, span, dim)
     groups = cache.groups
     width = groups.slots.shape[1]
     # prefix: the rows of one prompt stacked as extra query positions of that prompt
     qp = q.index_select(0, groups.slots.reshape(-1)).reshape(prompts, width, kv_heads, span, dim)
     qp = qp.transpose(1, 2).reshape(prompts, kv_heads, width * span, dim)
-    s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*span, prefix]
-    s1 = s1.masked_fill(~cache.prefix_mask[:, None, None, :], float("-inf"))
-    o1, lse1 = _part(s1, layer.prefix_v)
+    if flash:
+        keep = None if bool(cache.prefix_mask.all()) else cache.prefix_mask[:, None, None, :]
+        o1, lse1 = _flash_part(qp, layer.prefix_kt.transpose(-1, -2), layer.prefix_v, keep, scale)
+    else:
+        s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*span, prefix]
+        s1 = s1.masked_fill(~cache.prefix_mask[:, None, None, :], float("-inf"))
+        o1, lse1 = _part(s1, layer.prefix_v)
     o1 = o1.reshape(prompts, kv_heads, width, span, dim).transpose(1, 2).reshape(-1, kv_heads, span, dim)
     lse1 = lse1.reshape(prompts, kv_heads, width, span).transpose(1, 2).reshape(-1, kv_heads, span)
     o1, lse1 = o1.index_select(0, groups.slot_of_row), lse1.index_select(0, groups.slot_of_row)
     # suffix: each row against its own tokens (a prompt's remainder and/or generated tokens)
-    s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, span, suffix]
-    s2 = s2.reshape(rows, kv_heads, group, q_len, suffix)
-    if attention_mask is not None:
-        suffix_mask = attention_mask[..., layer.prefix_len :][:, :, None]  # [rows, 1, 1, q_len, suffix]
-        if suffix_mask.dtype == torch.bool:
-            s2 = s2.masked_fill(~suffix_mask, float("-inf"))
-        else:
-            s2 = s2 + suffix_mask.float()
-    elif q_len > 1:  # causal over the suffix: query t sees suffix positions <= suffix - q_len + t
-        seen = torch.ones((q_len, suffix), dtype=torch.bool, device=s2.device).tril(suffix - q_len)
-        s2 = s2.masked_fill(~seen, float("-inf"))
-    o2, lse2 = _part(s2.reshape(rows, kv_heads, span, suffix), value)
+    visible = _suffix_visibility(attention_mask, layer.prefix_len, q_len, suffix, q.device)
+    if flash:  # visible as [rows, 1, span, suffix]: the group's heads are stacked as positions
+        keep = None if visible is None else visible.repeat(1, 1, group, 1)
+        o2, lse2 = _flash_part(q, key, value, keep, scale)
+    else:
+        s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, span, suffix]
+        if visible is not None:
+            s2 = s2.reshape(rows, kv_heads, group, q_len, suffix).masked_fill(
+                ~visible[:, :, None], float("-inf")
+            )
+        o2, lse2 = _part(s2.reshape(rows, kv_heads, span, suffix), value)
     peak = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - peak)[..., None], torch.exp(lse2 - peak)[..., None]
     out = ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(value.dtype)
     return out.reshape(rows, kv_heads, group, q_len, -1).reshape(rows, heads, q_len, -1).transpose(1, 2)
+
+
+def _suffix_visibility(
+    attention_mask: torch.Tensor | None, prefix_len: int, q_len: int, suffix: int, device: torch.device
+) -> torch.Tensor | None:
+    """Which suffix positions each query sees, ``[rows or 1, 1, q_len, suffix]`` bool (None: all):
+    the attention mask's suffix part, or causal when there is no mask and more than one query."""
+    if attention_mask is not None:
+        part = attention_mask[..., prefix_len:]
+        return part if part.dtype == torch.bool else part > float("-inf")
+    if q_len == 1:
+        return None
+    return torch.ones((q_len, suffix), dtype=torch.bool, device=device).tril(suffix - q_len)[None, None]
+
+
+def _flash_part(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp through torch's fused CPU flash-attention kernel
+    (float32; a prefill's many queries would otherwise materialise a [queries, keys] score matrix
+    per layer); ``visible`` (bool, broadcastable to the scores) masks keys. A query that sees no key
+    gets output 0 and log-sum-exp -inf (the kernel reports 0 for it)."""
+    mask = None
+    if visible is not None:
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=query.device)
+        mask = mask.masked_fill(~visible, float("-inf"))
+    q, k, v = (t.to(torch.float32).contiguous() for t in (query, key, value))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    )
+    if visible is not None:
+        seen = visible.any(dim=-1).expand(lse.shape)
+        lse = lse.masked_fill(~seen, float("-inf"))
+        out = out.masked_fill(~seen[..., None], 0.0)
+    return out, lse
 
 
 def find_cascade(kwargs: dict[str, Any], module: Any) -> tuple[CascadeLayer, CascadeCache] | None:
