@@ -182,3 +182,34 @@ def test_the_prefix_is_prefilled_once_per_process_and_reused(backend, tiny_model
     other = HFBackend(model, tokenizer, model_id="tiny", batch_size=16)
     other.generate(_requests(TRACES[:2], declare=True))
     assert len(PREFIX_STORE) == 2 and PREFIX_STORE.misses == 2
+
+
+@pytest.mark.slow
+def test_remainders_prefilled_in_length_sorted_chunks_give_the_same_answers(backend) -> None:
+    traces = [TRACES[0] * 6, TRACES[1], TRACES[2] * 3, TRACES[3], TRACES[1] * 4]  # mixed lengths
+    requests = _requests(traces, declare=True)
+    PREFIX_STORE.clear()
+    backend.generate(requests[:1])  # the prefix into the store: below only remainders are prefilled
+    lengths = [len(backend.encode(r.messages)) for r in requests]
+    start = backend._declared_len(requests[0], backend.encode(requests[0].messages))
+    rests = sorted(n - start for n in lengths)
+    counted = []
+    for rows in (len(traces), 2):
+        backend.prefill_rows = rows
+        try:
+            before = backend.stats.prefill_tokens_computed
+            counted.append(
+                (_texts(backend.generate(requests)), backend.stats.prefill_tokens_computed - before)
+            )
+        finally:
+            backend.prefill_rows = 8
+    (one_chunk, padded), (chunked, computed) = counted
+    assert padded == len(traces) * rests[-1]
+    assert computed == 2 * rests[1] + 2 * rests[3] + rests[4] < padded  # each chunk to its own longest
+    assert chunked == one_chunk  # and the answers come back in request order
+    for request, text in zip(requests, chunked, strict=True):
+        ids = torch.tensor([backend.encode(request.messages)])
+        ref = backend.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12
+        )
+        assert text == backend.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)

@@ -180,6 +180,45 @@ def shared_cascade(prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: int, m
     return CascadeCache(layers, mask, [0] * rows)
 
 
+def row_slices(cache: CascadeCache, width: int, spans: list[tuple[int, int, int]]) -> list[CascadeCache]:
+    """Caches that prefill parts of one shared-prefix ``cache`` in place: for each ``(first, stop,
+    chunk_width)``, rows ``first:stop`` write their ``chunk_width`` positions at the right end of
+    the first ``width`` suffix positions of ``cache`` (views of its buffers, which are allocated
+    here, zeroed: the positions left of a chunk are padding, masked, never NaN). Prefill each, then
+    :func:`finish_row_slices`. Only for caches with one prefix (:func:`shared_cascade`)."""
+    if cache.prefix_mask.shape[0] != 1:
+        raise ValueError("row_slices needs a cache whose rows share one prefix")
+    rows = cache.groups.prompt_of_row.shape[0]
+    for layer in cache.layers:
+        assert isinstance(layer, CascadeLayer)
+        capacity = max(width, layer.max_len or width)
+        kv_heads, dim = layer.prefix_v.shape[1], layer.prefix_v.shape[-1]
+        layer._kt = torch.zeros((rows, kv_heads, dim, capacity), dtype=layer.dtype, device=layer.device)
+        layer._v = torch.zeros((rows, kv_heads, capacity, dim), dtype=layer.dtype, device=layer.device)
+    parts = []
+    for first, stop, chunk_width in spans:
+        layers = []
+        for layer in cache.layers:
+            assert isinstance(layer, CascadeLayer) and layer._kt is not None and layer._v is not None
+            view = CascadeLayer(layer.prefix_kt, layer.prefix_v, store_dtype=layer.dtype, max_len=None)
+            offset = width - chunk_width
+            view._kt = layer._kt[first:stop, ..., offset:]
+            view._v = layer._v[first:stop, :, offset:]
+            layers.append(view)
+        parts.append(CascadeCache(layers, cache.prefix_mask, [0] * (stop - first)))
+    return parts
+
+
+def finish_row_slices(cache: CascadeCache, width: int) -> None:
+    """Mark the first ``width`` suffix positions of every row of ``cache`` filled (after its
+    :func:`row_slices` were prefilled), ready to decode."""
+    for layer in cache.layers:
+        assert isinstance(layer, CascadeLayer)
+        layer.length = width
+        layer.unread = False
+        layer._expose()
+
+
 def _part(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of float32 ``scores`` over ``values``: (output in the values' dtype,
     log-sum-exp of the scores in float32). A query whose scores are all masked (a left-padding

@@ -40,7 +40,13 @@ from typing import Any
 
 import torch
 
-from manyways.backends.cascade import CascadeCache, shared_cascade, to_cascade
+from manyways.backends.cascade import (
+    CascadeCache,
+    finish_row_slices,
+    row_slices,
+    shared_cascade,
+    to_cascade,
+)
 from manyways.backends.config import BackendConfig, resolve_dtype
 from manyways.backends.kv_cache import (
     all_growing,
@@ -67,6 +73,8 @@ from manyways.backends.sampling import (
 )
 
 logger = logging.getLogger(__name__)
+
+PREFILL_ROWS = 8  # prompt remainders prefilled in one forward on a declared shared prefix
 
 
 @dataclass
@@ -131,6 +139,7 @@ class HFBackend:
         self.kv_dtype = kv_dtype or next(model.parameters()).dtype
         self.decode_attention = decode_attention
         self.cascade = cascade  # shared-prefix decode attention (manyways.backends.cascade)
+        self.prefill_rows = PREFILL_ROWS  # remainders prefilled together on a declared prefix
         self._store_dtype: torch.dtype | None = None  # kv_dtype while decode_attention is on
         self.stats = BackendStats()
         self.eos_ids = self._eos_ids()
@@ -299,7 +308,12 @@ class HFBackend:
     ) -> list[list[GenSample]]:
         """A batch of one-sample prompts that share a declared prefix: the prefix's KV once (from
         the process-wide store when this model prefilled it before), each prompt's remainder
-        prefilled on top of it into its row's own cache (cascade attention), then decoded."""
+        prefilled on top of it into its row's own cache (cascade attention), then decoded.
+        Remainders are prefilled shortest first, ``prefill_rows`` at a time, each chunk padded only
+        to its own longest (in place, into the batch's one cache), so a batch of traces of mixed
+        lengths does not pay for padding every row to the longest."""
+        order = sorted(range(len(units)), key=lambda i: (len(units[i].tokens), i))
+        units = [units[i] for i in order]
         n, start = len(units), len(prefix)
         rests = [u.tokens[start:] for u in units]
         width = max(len(r) for r in rests)
@@ -308,11 +322,23 @@ class HFBackend:
         ids, rest_mask = self._left_pad(rests, width)
         mask = torch.cat([torch.ones((n, start), dtype=torch.long, device=self.device), rest_mask], dim=1)
         positions = (start + rest_mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = self._forward(ids, mask, positions, cache)
-        self.stats.prefill_tokens_computed += ids.numel()
+        spans = [
+            (first, min(first + self.prefill_rows, n), len(rests[min(first + self.prefill_rows, n) - 1]))
+            for first in range(0, n, self.prefill_rows)
+        ]
+        logits = []
+        for part, (first, stop, chunk) in zip(row_slices(cache, width, spans), spans, strict=True):
+            cut = slice(width - chunk, width)
+            part_mask = torch.cat([mask[first:stop, :start], rest_mask[first:stop, cut]], dim=1)
+            logits.append(self._forward(ids[first:stop, cut], part_mask, positions[first:stop, cut], part))
+            self.stats.prefill_tokens_computed += (stop - first) * chunk
+        finish_row_slices(cache, width)
         rows, _ = self._rows(units)
-        self._decode(rows, cache, logits, mask, positions[:, -1] + 1, progress)
-        return [[self._to_sample(row)] for row in rows]
+        self._decode(rows, cache, torch.cat(logits), mask, positions[:, -1] + 1, progress)
+        out: list[list[GenSample]] = [[] for _ in units]
+        for k, row in zip(order, rows, strict=True):
+            out[k] = [self._to_sample(row)]
+        return out
 
     def _prefix_kv(self, prefix: list[int]) -> PrefixLayers:
         """Keys^T and values of ``prefix`` per layer (one row), from :data:`PREFIX_STORE` or
