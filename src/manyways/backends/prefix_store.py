@@ -9,10 +9,12 @@ stage in one process, each loading the judge anew).
 
 The key is (weights fingerprint, KV dtype, device, prefix tokens). The fingerprint hashes every
 parameter's name, shape, dtype and a strided sample of its values (:func:`weights_fingerprint`):
-two models that differ in any trained matrix get different keys. Because the split point is the
-declared prefix, not whatever a batch happens to share, the numbers a request gets do not depend
-on which requests share its batch or whether the prefix came from the store (the stored tensors
-are the ones the same forward would compute; tested bit for bit in float32).
+two models that differ in any trained matrix get different keys. The split point is the
+declared prefix, not whatever a batch happens to share, and a stored prefix is the tensor the
+same one-row forward computes, so a request's answer does not depend on whether its prefix came
+from the store, nor (beyond the floating-point effects of padding and batch shape that every
+batched path has) on which requests share its batch (tested on the tiny model in float32: the
+same greedy answers alone, in batches, chunked, and from the store).
 
 Memory is bounded: least recently used prefixes are evicted beyond ``max_bytes`` (default 1 GiB;
 the 64-entry judge menu of SmolLM2-135M in float32 is about 70 MB).
