@@ -9,6 +9,7 @@ the peek and process start-up. For the end-to-end time run ``time make demo``.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,14 +26,20 @@ def stage_walls(run_dir: Path) -> dict[str, float]:
     return dict(out)
 
 
-def figure_9(run_dir: Path = REPO_ROOT / "runs" / "tiny_cpu") -> Figure:
+TARGET_MINUTES = 12  # issue 16: the demo at its current sizes in half its 2026-11 time
+
+
+def figure_9(run_dir: Path | None = None) -> Figure:
+    """The demo's stage time from ``run_dir`` (default: ``MANYWAYS_BENCH_DEMO_RUN`` or this
+    checkout's ``runs/tiny_cpu``), e.g. a demo run in a clean clone."""
+    run_dir = run_dir or Path(os.environ.get("MANYWAYS_BENCH_DEMO_RUN") or REPO_ROOT / "runs" / "tiny_cpu")
     walls = stage_walls(run_dir) if run_dir.exists() else {}
     if not walls:
         return Figure(
             9,
             "make demo wall time (minutes)",
             None,
-            "<= 25 min",
+            f"<= {TARGET_MINUTES} min",
             None,
             None,
             "-",
@@ -44,14 +51,15 @@ def figure_9(run_dir: Path = REPO_ROOT / "runs" / "tiny_cpu") -> Figure:
         9,
         "make demo stage time (minutes, sum of stage wall_s)",
         minutes,
-        "<= 25 min",
-        minutes <= 25,
+        f"<= {TARGET_MINUTES} min",
+        minutes <= TARGET_MINUTES,
         None,
         "-",
         {
             "share": {k: round(v / total, 3) for k, v in sorted(walls.items())},
             "seconds": {k: round(v, 1) for k, v in sorted(walls.items())},
             "complete": (run_dir / "report.html").exists() or any(run_dir.glob("**/report.html")),
+            "run_dir": str(run_dir),
             "note": "sum of stage manifests' wall_s; excludes model prep, peek and start-up",
         },
     )

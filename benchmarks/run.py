@@ -5,9 +5,10 @@ reported) or a fraction of a bound measured in the same run (matmul rate, read b
 ``bounds.py``). Prints the table, writes ``bench_out/results.json`` and rewrites the generated
 section of BENCHMARKS.md (between the ``BEGIN GENERATED`` / ``END GENERATED`` markers).
 A run of a subset (``--only``) keeps the other figures of the previous ``results.json`` and says in
-the table which run measured each carried-over figure. ``bench_out/results_by_kind.json`` keeps
-the latest results per kind of CPU (AMX, AVX512-BF16 without AMX, neither: bf16's speed differs
-between them), and BENCHMARKS.md shows the other kinds' latest figures below this machine's.
+the table which run measured each carried-over figure. ``benchmarks/results_by_kind.json`` (in
+the repository, so a later session on another kind of machine still has them) keeps the latest
+results per kind of CPU (AMX, AVX512-BF16 without AMX, neither: bf16's speed differs between
+them), and BENCHMARKS.md shows the other kinds' latest figures below this machine's.
 
 Usage: ``.venv/bin/python benchmarks/run.py [--repeats 3] [--only 1,1b,2,4] [--no-markdown]``.
 Figures are numbered 1-9; a figure that belongs next to another has a letter (``1b``: figure 1's
@@ -55,6 +56,7 @@ FigureId = int | str
 ALL_FIGURES: set[FigureId] = {*range(1, 10), "1b", "3b"}
 GENERATION_FIGURES: set[FigureId] = {1, "1b", 2, 3, "3b", 5}
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+BY_KIND = REPO_ROOT / "benchmarks" / "results_by_kind.json"  # tracked: the latest run per kind of CPU
 
 
 def figure_key(number: FigureId) -> tuple[int, str]:
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     sys.stdout.write(table(doc) + "\n")
-    doc = keep_by_kind(args.out / "results_by_kind.json", doc)
+    doc = keep_by_kind(BY_KIND, doc)
     if not args.no_markdown:
         update_markdown(REPO_ROOT / "BENCHMARKS.md", doc)
     return 0
