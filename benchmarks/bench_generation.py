@@ -38,6 +38,7 @@ from common import (
 )
 from workloads import heuristic_prompts, long_context_messages, prompt_length
 
+from manyways.backends.cascade import CascadeCache
 from manyways.backends.config import BackendConfig
 from manyways.backends.hf import HFBackend
 from manyways.backends.protocol import GenRequest
@@ -159,6 +160,7 @@ def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any
     stamps: list[float] = []  # when each decode-step forward started
     step_s: list[float] = []  # each step's time: its forward and the next token's selection
     live: list[Any] = []  # the rows of the decode in progress (empty during prefill)
+    cascaded: list[bool] = []  # whether each decode step ran on a shared-prefix (cascade) cache
     inner_decode = HFBackend._decode.__get__(backend)
     inner_forward = HFBackend._forward.__get__(backend)
 
@@ -179,6 +181,7 @@ def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any
         if live:
             steps.append(step_rows(live))
             stamps.append(time.perf_counter())
+            cascaded.append(isinstance(args[-1], CascadeCache))
         return inner_forward(ids, *args)
 
     backend._decode = decode  # type: ignore[method-assign]
@@ -200,17 +203,19 @@ def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any
         "decode_tokens": backend.stats.decode_tokens - before[0],
         "steps": steps,
         "step_s": step_s,
+        "cascade": bool(cascaded) and all(cascaded),  # the back-end chose shared-prefix decode
     }
 
 
 def decode_bound_shares(backend: HFBackend, runs: list[dict[str, Any]], bounds: dict) -> dict[str, Any]:
     """:func:`bounds.decode_bound_detail` of ``runs`` of :func:`backend_run` for ``backend``'s model
     (the matmul rate of its dtype, its KV dtype); the shared-prefix bound when it decodes with
-    cascade attention, else the replicated one."""
+    cascade attention (as it chose in these runs), else the replicated one."""
     shape = ModelShape.of(backend.model)
     peak = bounds["peak_bf16_flops"] if shape.bytes_per_param == 2 else bounds["peak_fp32_flops"]
     limits = (peak, bounds["read_bandwidth_bytes_s"], backend.kv_dtype.itemsize)
-    return {**decode_bound_detail(shape, runs, *limits, shared=backend.cascade), "decode_peak_flops": peak}
+    shared = all(r.get("cascade", False) for r in runs)
+    return {**decode_bound_detail(shape, runs, *limits, shared=shared), "decode_peak_flops": peak}
 
 
 def load_pair(backend_cfg: BackendConfig) -> tuple[HFBackend, Any, Any]:
@@ -358,7 +363,8 @@ def figure_3(
     plain_ratio, plain_spread = median_spread(ratio_samples(rate["plain_long"], rate["plain_short"]))
     shape = ModelShape.of(backend.model)
     peak = bounds["peak_bf16_flops"] if shape.bytes_per_param == 2 else bounds["peak_fp32_flops"]
-    shared = backend.cascade and b > 1  # ours reads the prompt's KV once per step (cascade decode)
+    # whether ours read each prompt's KV once per step (cascade decode), as it chose per workload
+    shared = {name: all(r.get("cascade", False) for r in runs[f"ours_{name}"]) for name in ("short", "long")}
     detail: dict[str, Any] = {
         "plain_ratio": plain_ratio,
         "plain_spread": plain_spread,
@@ -372,7 +378,7 @@ def figure_3(
         args = (shape, b, ctx, peak, bounds["read_bandwidth_bytes_s"], backend.kv_dtype.itemsize)
         bound_of["replicated"][name] = decode_step_bound_s(*args)
         bound_of["shared_prefix"][name] = decode_step_bound_s(*args, shared=prompt, prompts=1)
-        step_bound[name] = bound_of["shared_prefix" if shared else "replicated"][name]
+        step_bound[name] = bound_of["shared_prefix" if shared[name] else "replicated"][name]
         actual = b / median_spread(rate[f"ours_{name}"])[0]  # seconds per step of b rows
         detail[f"ours_{name}_tokens_per_s"] = median_spread(rate[f"ours_{name}"])[0]
         detail[f"plain_{name}_tokens_per_s"] = median_spread(rate[f"plain_{name}"])[0]

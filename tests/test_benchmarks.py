@@ -282,9 +282,20 @@ def test_backend_run_records_every_decode_step_of_the_real_backend(tiny_backend)
     assert sorted(first.contexts) == sorted(n + 1 for n in prompt_lens for _ in range(3))
     assert len(set(first.prompt_of_row)) == 2 and sorted(first.prompt_len_of_row) == sorted(prompt_lens * 3)
     assert "_forward" not in vars(tiny_backend) and "_decode" not in vars(tiny_backend)  # unwrapped
-    shares = bench_generation.decode_bound_shares(
-        tiny_backend, [run], {"peak_fp32_flops": 1e9, "peak_bf16_flops": 1e9, "read_bandwidth_bytes_s": 1e9}
+    limits = {"peak_fp32_flops": 1e9, "peak_bf16_flops": 1e9, "read_bandwidth_bytes_s": 1e9}
+    # these short prompts save too little KV for the cascade: the back-end decodes replicated, and
+    # the figure's bound is the replicated one
+    assert run["cascade"] is False
+    assert (
+        bench_generation.decode_bound_shares(tiny_backend, [run], limits)["decode_bound_kind"] == "replicated"
     )
+    default, tiny_backend.cascade_min_saved = tiny_backend.cascade_min_saved, 0
+    try:
+        run = bench_generation.backend_run(tiny_backend, requests)
+    finally:
+        tiny_backend.cascade_min_saved = default
+    shares = bench_generation.decode_bound_shares(tiny_backend, [run], limits)
+    assert run["cascade"] is True
     assert shares["decode_bound_kind"] == "shared_prefix" and shares["decode_fraction_of_bound"] > 0
     assert shares["decode_fraction_of_shared_prefix_bound"] <= shares["decode_fraction_of_replicated_bound"]
     assert shares["decode_rows_per_step_max"] == 6

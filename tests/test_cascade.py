@@ -117,7 +117,9 @@ def backend(tiny_model_dir: Path):
         for p in model.parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    return HFBackend(model, tokenizer, model_id="tiny", batch_size=16)
+    backend = HFBackend(model, tokenizer, model_id="tiny", batch_size=16)
+    backend.cascade_min_saved = 0  # the tests' short prompts: take the cascade path whenever it applies
+    return backend
 
 
 def _msgs(prefix: str, question: str) -> list[dict[str, str]]:
@@ -257,3 +259,23 @@ def test_bf16_greedy_tokens_differ_only_at_bf16_ties(backend, monkeypatch: pytes
         if differs.any():
             break
     assert compared >= 2
+
+
+def test_short_shared_prompts_decode_replicated(backend, cascade_calls: list[int]) -> None:
+    """Below ``cascade_min_saved`` replicated prompt positions the cascade's extra ops cost more
+    than the KV it saves: the back-end decodes replicated (the default threshold)."""
+    from manyways.backends.hf import CASCADE_MIN_SAVED
+    from manyways.backends.protocol import GenRequest
+
+    request = GenRequest("s", _msgs(PREFIX, QUESTIONS[0]), seeds=(0, 1, 2), max_new_tokens=3, temperature=0.0)
+    saved = 2 * len(backend.encode(request.messages))
+    backend.cascade_min_saved = saved + 1
+    try:
+        backend.generate([request])
+        assert cascade_calls == []
+        backend.cascade_min_saved = saved
+        backend.generate([request])
+        assert cascade_calls
+    finally:
+        backend.cascade_min_saved = 0
+    assert CASCADE_MIN_SAVED > saved  # so with the default these prompts decode replicated

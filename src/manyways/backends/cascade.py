@@ -50,6 +50,7 @@ class RowGroups:
     prompt_of_row: torch.Tensor  # [rows] long
     slots: torch.Tensor  # [prompts, width] row index of each (prompt, slot); padding repeats a row
     slot_of_row: torch.Tensor  # [rows] flat index prompt * width + slot
+    ordered: bool = False  # rows are prompt-major, every prompt has ``width`` rows: slots are 0..rows-1
 
     @classmethod
     def of(cls, prompt_of_row: list[int], prompts: int, device: torch.device | str) -> RowGroups:
@@ -66,10 +67,12 @@ class RowGroups:
         for prompt, rows in enumerate(members):
             for slot, row in enumerate(rows):
                 slot_of_row[row] = prompt * width + slot
+        flat = [row for members in slots for row in members]
         return cls(
             torch.tensor(prompt_of_row, dtype=torch.long, device=device),
             torch.tensor(slots, dtype=torch.long, device=device),
             torch.tensor(slot_of_row, dtype=torch.long, device=device),
+            ordered=flat == list(range(len(prompt_of_row))),
         )
 
 
@@ -136,6 +139,7 @@ class CascadeCache(DynamicCache):
         super().__init__()
         self.layers = list(layers)
         self.prefix_mask = prefix_mask.bool()
+        self.prefix_padded = not bool(self.prefix_mask.all())  # some prompt's prefix is left-padded
         self.groups = RowGroups.of(prompt_of_row, prefix_mask.shape[0], prefix_mask.device)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -151,6 +155,7 @@ class CascadeCache(DynamicCache):
             for layer in self.layers:
                 layer.select_prompts(keep)
             self.prefix_mask = self.prefix_mask.index_select(0, keep)
+            self.prefix_padded = not bool(self.prefix_mask.all())
             renumber = {p: i for i, p in enumerate(used)}
             prompt_of_row = [renumber[p] for p in prompt_of_row]
         self.groups = RowGroups.of(prompt_of_row, len(used), self.prefix_mask.device)
@@ -251,6 +256,8 @@ def cascade_attention(
     rows, heads, q_len, dim = query.shape
     kv_heads, prompts, suffix = key.shape[1], layer.prefix_kt.shape[0], key.shape[2]
     group = heads // kv_heads
+    if q_len == 1:
+        return _decode_step(query, key, value, attention_mask, scale, layer, cache)
     span = group * q_len  # the query rows of one KV head: (query head in group, position)
     flash = q_len > 1 and query.device.type == "cpu"  # a prefill: the fused kernel, see _flash_part
     work = torch.float32 if flash else key.dtype
@@ -261,7 +268,7 @@ def cascade_attention(
     qp = q.index_select(0, groups.slots.reshape(-1)).reshape(prompts, width, kv_heads, span, dim)
     qp = qp.transpose(1, 2).reshape(prompts, kv_heads, width * span, dim)
     if flash:
-        keep = None if bool(cache.prefix_mask.all()) else cache.prefix_mask[:, None, None, :]
+        keep = cache.prefix_mask[:, None, None, :] if cache.prefix_padded else None
         o1, lse1 = _flash_part(qp, layer.prefix_kt.transpose(-1, -2), layer.prefix_v, keep, scale)
     else:
         s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*span, prefix]
@@ -286,6 +293,50 @@ def cascade_attention(
     w1, w2 = torch.exp(lse1 - peak)[..., None], torch.exp(lse2 - peak)[..., None]
     out = ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(value.dtype)
     return out.reshape(rows, kv_heads, group, q_len, -1).reshape(rows, heads, q_len, -1).transpose(1, 2)
+
+
+def _decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    layer: CascadeLayer,
+    cache: CascadeCache,
+) -> torch.Tensor:
+    """:func:`cascade_attention` for one query token per row, in as few operations as the math
+    allows (a decode step calls it once per layer; each small op costs ~10 us on a CPU): each part
+    as ``softmax(s) @ v`` (the replicated path's softmax) with ``logsumexp(s)`` for the merge, no
+    row gather when the rows are prompt-major with equal counts (``RowGroups.ordered``). Every row sees at least
+    one prefix position and its own newest token, so no part is empty."""
+    rows, heads, _, dim = query.shape
+    kv_heads, prompts = key.shape[1], layer.prefix_kt.shape[0]
+    group = heads // kv_heads
+    q = query.to(key.dtype).reshape(rows, kv_heads, group, dim)
+    groups = cache.groups
+    width = groups.slots.shape[1]
+    qp = q if groups.ordered else q.index_select(0, groups.slots.reshape(-1))
+    qp = qp.reshape(prompts, width, kv_heads, group, dim).transpose(1, 2)
+    qp = qp.reshape(prompts, kv_heads, width * group, dim)
+    s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*group, prefix]
+    if cache.prefix_padded:
+        s1 = s1.masked_fill(~cache.prefix_mask[:, None, None, :], float("-inf"))
+    lse1 = torch.logsumexp(s1, dim=-1, keepdim=True)
+    o1 = torch.matmul(torch.softmax(s1, dim=-1).to(layer.prefix_v.dtype), layer.prefix_v)
+    o1 = o1.reshape(prompts, kv_heads, width, group, dim).transpose(1, 2).reshape(-1, kv_heads, group, dim)
+    lse1 = lse1.reshape(prompts, kv_heads, width, group).transpose(1, 2).reshape(-1, kv_heads, group, 1)
+    if not groups.ordered:
+        o1, lse1 = o1.index_select(0, groups.slot_of_row), lse1.index_select(0, groups.slot_of_row)
+    s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, suffix]
+    if attention_mask is not None:
+        part = attention_mask[..., layer.prefix_len :]  # [rows, 1, 1, suffix]
+        s2 = s2.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else s2 + part.float()
+    lse2 = torch.logsumexp(s2, dim=-1, keepdim=True)
+    o2 = torch.matmul(torch.softmax(s2, dim=-1).to(value.dtype), value)
+    peak = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - peak), torch.exp(lse2 - peak)
+    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out.to(value.dtype).reshape(rows, 1, heads, dim)
 
 
 def _suffix_visibility(

@@ -75,6 +75,12 @@ from manyways.backends.sampling import (
 logger = logging.getLogger(__name__)
 
 PREFILL_ROWS = 8  # prompt remainders prefilled in one forward on a declared shared prefix
+# Replicated prompt positions below which shared-prefix decode costs more than it saves: each step
+# it adds ~0.2 ms of small ops per layer (measured on a 2-core AMD EPYC, SmolLM2-135M, fp32), the
+# time to read ~2K positions' KV of one layer (1.5 KB each) at ~10 GB/s. Figure 3's short prompt (8
+# samples x 143 tokens: 1K saved) decodes faster replicated, its 1.1K prompt (7.8K) and the demo's
+# generate batch (20 prompts x 4 samples x ~220 tokens: 13K) with the cascade.
+CASCADE_MIN_SAVED = 2048
 
 
 @dataclass
@@ -140,6 +146,7 @@ class HFBackend:
         self.decode_attention = decode_attention
         self.cascade = cascade  # shared-prefix decode attention (manyways.backends.cascade)
         self.prefill_rows = PREFILL_ROWS  # remainders prefilled together on a declared prefix
+        self.cascade_min_saved = CASCADE_MIN_SAVED  # see _use_cascade
         self._store_dtype: torch.dtype | None = None  # kv_dtype while decode_attention is on
         self.stats = BackendStats()
         self.eos_ids = self._eos_ids()
@@ -275,7 +282,8 @@ class HFBackend:
             cache, logits, mask, positions = self._prefill(token_lists, max_len)
         rows, unit_of_row = self._rows(units)
         index = torch.tensor(unit_of_row, device=self.device)
-        if self._use_cascade(len(rows), len(units)):  # one copy of each prompt's KV for its samples
+        saved = sum((len(u.seeds) - 1) * len(u.tokens) for u in units)
+        if self._use_cascade(len(rows), len(units), saved):  # one copy of each prompt's KV for its samples
             max_new = max(u.request.max_new_tokens for u in units)
             cache = to_cascade(cache, mask, unit_of_row, max_new)
         else:
@@ -369,10 +377,14 @@ class HFBackend:
             mask[i, width - len(tokens) :] = 1
         return ids, mask
 
-    def _use_cascade(self, rows: int, prompts: int) -> bool:
+    def _use_cascade(self, rows: int, prompts: int, saved_positions: int | None = None) -> bool:
         """Shared-prefix decode: on, decode attention active, every cache layer a GrowingLayer,
-        and some prompt with more than one sample."""
-        return self.cascade and self._store_dtype is not None and self._mergeable and rows > prompts
+        some prompt with more than one sample, and (when ``saved_positions`` is given: the prompt
+        positions the replicated cache would hold more than once) enough KV saved to pay for the
+        cascade's extra small operations per layer (``cascade_min_saved``)."""
+        if not (self.cascade and self._store_dtype is not None and self._mergeable and rows > prompts):
+            return False
+        return saved_positions is None or saved_positions >= self.cascade_min_saved
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
