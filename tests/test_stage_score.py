@@ -83,18 +83,9 @@ def tiny_reward_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    from manyways.models import tiny_shape
+
+    config = LlamaConfig(**tiny_shape(tok), num_labels=1)  # the tiny test models' shape, a score head
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("rm")
     LlamaForSequenceClassification(config).save_pretrained(out)
