@@ -246,3 +246,22 @@ def test_an_epoch_run_with_fewer_prompts_than_one_step_is_a_clear_error() -> Non
         None, ["rl.batch_size=16", "rl.grad_accum=4", "rl.num_generations=16", "rl.max_steps=3"]
     )
     check_one_step(fixed, 7, 2)  # a fixed step count cycles the data: fine
+
+
+def test_too_few_prompts_fail_before_any_model_is_loaded(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import manyways.stages.rl as rl
+    from manyways.config import load_config
+    from manyways.schema import Problem
+    from manyways.training import TrainingDataError
+
+    def no_model(path: str):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(rl, "load_trainable_model", no_model)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as the launcher sets it, before torch.distributed starts
+    cfg = load_config(None, ["rl.batch_size=16", "rl.grad_accum=4", "rl.num_generations=16"])
+    problems = [Problem(f"p{i}", "gym", "What is 1 + 1?", "2") for i in range(7)]
+    with pytest.raises(TrainingDataError, match="7 problems make no optimizer step: one step takes 8"):
+        rl.build_trainer(cfg, tmp_path / "rl", str(tiny_model_dir), problems)

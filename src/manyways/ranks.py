@@ -19,6 +19,12 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``: accelerate, torchrun, deepspeed);
+    1 in a single process. Readable before torch.distributed is initialised."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _world() -> tuple[Any, int]:
     import torch.distributed as dist
 

@@ -34,7 +34,7 @@ from typing import Any
 from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
 from manyways.heuristics import render_plain_messages
-from manyways.ranks import open_stage, sum_over_processes
+from manyways.ranks import launched_processes, open_stage, sum_over_processes
 from manyways.rewards import reward_functions
 from manyways.schema import Problem
 from manyways.training import (
@@ -190,6 +190,7 @@ def build_trainer(
     funcs, weights = reward_functions(
         problems, format_weight=cfg.rl.format_reward, timeout_s=cfg.verify.timeout_s
     )
+    check_one_step(cfg, len(problems), launched_processes())  # before loading a model
     args = grpo_args(cfg, out_dir, weights, show_progress)
     keep_cpu_allocations()  # large per-step tensors reuse heap memory (manyways.training)
     model = load_trainable_model(model_path)
@@ -210,7 +211,7 @@ def build_trainer(
     from manyways.loss_head import use_loss_head  # issue 16: completion positions only, bf16 head
 
     use_loss_head(trainer, cfg.rl.loss_head)
-    check_one_step(cfg, len(problems), trainer.accelerator.num_processes)
+    check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
     return quiet_trainer(trainer), correctness
 
 
