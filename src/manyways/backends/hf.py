@@ -11,7 +11,8 @@ finished rows leave the batch. A batch of one-sample prompts that declare the sa
 (``GenRequest.shared_prefix``: the judge's menu) takes another path: the prefix's KV comes from
 the process-wide :mod:`~manyways.backends.prefix_store` (prefilled once per model and process),
 each prompt's remainder is prefilled into its own row on top of it and decoded there, all rows
-reading the one copy of the prefix (cascade attention, prefill and decode). Every sample draws from its own ``torch.Generator`` seeded with its
+reading the one copy of the prefix (cascade attention, prefill and decode;
+:mod:`manyways.backends.hf_prefix`). Every sample draws from its own ``torch.Generator`` seeded with its
 seed, so it does not depend on its batch-mates except through floating-point effects of padding
 and batch shape (bit-identical in our fp32 CPU tests; in bf16 or on GPU a near-tie can
 occasionally resolve differently). ``stats.prefill_tokens_computed`` counts
@@ -25,6 +26,8 @@ dtype) is the dtype the cache is stored and attention computed in.
 
 A request with ``json_schema`` is decoded under grammar token masks (llguidance,
 :mod:`manyways.backends.constrained`): its answer is a valid instance of the schema.
+
+Next-token queries without sampling (the score stage's judge): :mod:`manyways.backends.hf_next_token`.
 
 CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto is the faster of bf16 and fp32 for
 generation at the model's shapes, measured once per machine (:mod:`manyways.dtype_auto`).
@@ -40,32 +43,25 @@ from typing import Any
 
 import torch
 
-from manyways.backends.cascade import (
-    CascadeCache,
-    finish_row_slices,
-    row_slices,
-    shared_cascade,
-    to_cascade,
-)
+from manyways.backends.cascade import CascadeCache, to_cascade
 from manyways.backends.config import BackendConfig, resolve_dtype
+from manyways.backends.hf_next_token import NextTokenMixin
+from manyways.backends.hf_prefix import PREFILL_ROWS, DeclaredPrefixMixin
 from manyways.backends.kv_cache import (
     all_growing,
     make_cache,
     merge_left_padded,
     register_decode_attention,
 )
-from manyways.backends.prefix_store import PREFIX_STORE, PrefixLayers, weights_fingerprint
 from manyways.backends.protocol import (
     BackendStats,
     GenRequest,
     GenSample,
     ProgressCallback,
     check_request,
-    renormalise,
     truncate_at_stop,
 )
 from manyways.backends.sampling import (
-    common_prefix_len,
     plan_batches,
     prefix_groups,
     select_tokens,
@@ -74,7 +70,6 @@ from manyways.backends.sampling import (
 
 logger = logging.getLogger(__name__)
 
-PREFILL_ROWS = 8  # prompt remainders prefilled in one forward on a declared shared prefix
 # Replicated prompt positions below which shared-prefix decode costs more than it saves: each step
 # it adds ~0.2 ms of small ops per layer (measured on a 2-core AMD EPYC, SmolLM2-135M, fp32), the
 # time to read ~2K positions' KV of one layer (1.5 KB each) at ~10 GB/s. Figure 3's short prompt (8
@@ -119,7 +114,7 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class HFBackend:
+class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
     """Generation with a transformers causal LM on CPU or GPU."""
 
     name = "hf"
@@ -229,37 +224,6 @@ class HFBackend:
             self._store_dtype = None
             self.model.set_attn_implementation(before)
 
-    def _declared_len(self, request: GenRequest, tokens: list[int]) -> int:
-        """How many of ``tokens`` (the whole prompt) are the request's declared shared prefix: the
-        tokens the prompt shares with its messages cut after ``shared_prefix`` (so a token merged
-        across the boundary is left out); 0 when none is declared."""
-        if not request.shared_prefix:
-            return 0
-        last = request.messages[-1]
-        head = [*request.messages[:-1], {**last, "content": request.shared_prefix}]
-        key = repr(head)
-        if key not in self._declared_tokens:
-            if len(self._declared_tokens) >= 64:
-                self._declared_tokens.clear()
-            self._declared_tokens[key] = self.encode(head)
-        return min(common_prefix_len(self._declared_tokens[key], tokens), len(tokens) - 1)
-
-    def _declared_prefix(self, units: list[_Unit]) -> list[int] | None:
-        """The declared prefix every unit of the batch shares, when the batch can decode with it
-        (one sample per prompt, cascade attention available); None otherwise."""
-        first = units[0]
-        if not (first.declared and self.prefix_sharing and self._use_cascade(2, 1)):
-            return None
-        prefix = first.tokens[: first.declared]
-        for unit in units:
-            if (
-                len(unit.seeds) != 1
-                or unit.declared != first.declared
-                or unit.tokens[: unit.declared] != prefix
-            ):
-                return None
-        return prefix
-
     def _generate_batch(self, units: list[_Unit], progress: ProgressCallback | None) -> list[list[GenSample]]:
         prefix = self._declared_prefix(units)
         if prefix is not None:
@@ -310,62 +274,6 @@ class HFBackend:
                 unit_of_row.append(k)
                 self.stats.prompt_tokens_submitted += len(unit.tokens)
         return rows, unit_of_row
-
-    def _generate_on_prefix(
-        self, units: list[_Unit], prefix: list[int], progress: ProgressCallback | None
-    ) -> list[list[GenSample]]:
-        """A batch of one-sample prompts that share a declared prefix: the prefix's KV once (from
-        the process-wide store when this model prefilled it before), each prompt's remainder
-        prefilled on top of it into its row's own cache (cascade attention), then decoded.
-        Remainders are prefilled shortest first, ``prefill_rows`` at a time, each chunk padded only
-        to its own longest (in place, into the batch's one cache), so a batch of traces of mixed
-        lengths does not pay for padding every row to the longest."""
-        order = sorted(range(len(units)), key=lambda i: (len(units[i].tokens), i))
-        units = [units[i] for i in order]
-        n, start = len(units), len(prefix)
-        rests = [u.tokens[start:] for u in units]
-        width = max(len(r) for r in rests)
-        max_new = max(u.request.max_new_tokens for u in units)
-        cache = shared_cascade(self._prefix_kv(prefix), n, width + max_new)
-        ids, rest_mask = self._left_pad(rests, width)
-        mask = torch.cat([torch.ones((n, start), dtype=torch.long, device=self.device), rest_mask], dim=1)
-        positions = (start + rest_mask.cumsum(dim=1) - 1).clamp(min=0)
-        spans = [
-            (first, min(first + self.prefill_rows, n), len(rests[min(first + self.prefill_rows, n) - 1]))
-            for first in range(0, n, self.prefill_rows)
-        ]
-        logits = []
-        for part, (first, stop, chunk) in zip(row_slices(cache, width, spans), spans, strict=True):
-            cut = slice(width - chunk, width)
-            part_mask = torch.cat([mask[first:stop, :start], rest_mask[first:stop, cut]], dim=1)
-            logits.append(self._forward(ids[first:stop, cut], part_mask, positions[first:stop, cut], part))
-            self.stats.prefill_tokens_computed += (stop - first) * chunk
-        finish_row_slices(cache, width)
-        rows, _ = self._rows(units)
-        self._decode(rows, cache, torch.cat(logits), mask, positions[:, -1] + 1, progress)
-        out: list[list[GenSample]] = [[] for _ in units]
-        for k, row in zip(order, rows, strict=True):
-            out[k] = [self._to_sample(row)]
-        return out
-
-    def _prefix_kv(self, prefix: list[int]) -> PrefixLayers:
-        """Keys^T and values of ``prefix`` per layer (one row), from :data:`PREFIX_STORE` or
-        prefilled now and stored there."""
-        if self._weights_key is None:
-            self._weights_key = weights_fingerprint(self.model)
-        key = (self._weights_key, str(self._store_dtype), str(self.device), tuple(prefix))
-        found = PREFIX_STORE.get(key)
-        if found is not None:
-            return found
-        cache = make_cache(self.model.config, store_dtype=self._store_dtype, max_len=len(prefix))
-        ids = torch.tensor([prefix], device=self.device)
-        self._forward(ids, torch.ones_like(ids), torch.arange(len(prefix), device=self.device)[None], cache)
-        self.stats.prefill_tokens_computed += len(prefix)
-        layers = [
-            (layer.keys.transpose(-1, -2).contiguous(), layer.values.contiguous()) for layer in cache.layers
-        ]
-        PREFIX_STORE.put(key, layers)
-        return layers
 
     def _left_pad(self, token_lists: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``token_lists`` right-aligned in ``[n, width]`` (pad id before) and their 0/1 mask."""
@@ -498,61 +406,6 @@ class HFBackend:
         from manyways.backends.constrained import constraint_for
 
         return constraint_for(self.tokenizer, self.eos_ids, int(self.model.config.vocab_size))
-
-    # ------------------------------------------------------------- judge helpers
-    def _next_logits(self, messages_list: Sequence[list[dict[str, str]]]) -> torch.Tensor:
-        """Next-token logits (float32, [conversations, vocab]) after the assistant turn opens."""
-        from transformers import DynamicCache
-
-        token_lists = [self.encode(m) for m in messages_list]
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(token_lists), self.batch_size):
-                chunk = token_lists[start : start + self.batch_size]
-                width = max(len(t) for t in chunk)
-                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
-                mask = torch.zeros_like(ids)
-                for i, tokens in enumerate(chunk):
-                    ids[i, width - len(tokens) :] = torch.tensor(tokens, device=self.device)
-                    mask[i, width - len(tokens) :] = 1
-                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-                cache = DynamicCache(config=self.model.config)
-                out.append(self._forward(ids, mask, positions, cache).float())
-        return torch.cat(out, dim=0)
-
-    def option_token_ids(self, options: Sequence[str]) -> list[int]:
-        """The first token id of each option as it would start the assistant's reply."""
-        ids = []
-        for option in options:
-            tokens = self.tokenizer(option, add_special_tokens=False)["input_ids"]
-            if not tokens:
-                raise ValueError(f"option {option!r} has no tokens")
-            ids.append(int(tokens[0]))
-        if len(set(ids)) < len(ids):
-            logger.warning("options %s share a first token; their probabilities will be equal", list(options))
-        return ids
-
-    def next_token_probs(
-        self, messages_list: Sequence[list[dict[str, str]]], options: Sequence[str]
-    ) -> list[dict[str, float]]:
-        """P(first token of each option), renormalised over the options; one forward pass."""
-        ids = self.option_token_ids(options)
-        probs = torch.softmax(self._next_logits(messages_list), dim=-1)[:, ids]
-        return [renormalise(dict(zip(options, row.tolist(), strict=True))) for row in probs]
-
-    def next_token_logprobs(
-        self, messages_list: Sequence[list[dict[str, str]]], top_k: int
-    ) -> list[dict[str, float]]:
-        """The ``top_k`` likeliest first tokens (decoded text -> log-probability)."""
-        logprobs = torch.log_softmax(self._next_logits(messages_list), dim=-1)
-        values, ids = torch.topk(logprobs, k=top_k, dim=-1)
-        out = []
-        for vals, toks in zip(values.tolist(), ids.tolist(), strict=True):
-            entry: dict[str, float] = {}
-            for v, t in zip(vals, toks, strict=True):
-                entry.setdefault(self.tokenizer.decode([t]), v)
-            out.append(entry)
-        return out
 
     def close(self) -> None:
         """Drop the model so its memory can be freed."""

@@ -1,0 +1,84 @@
+"""The hf back-end's next-token queries: what a judge or scorer asks without sampling.
+
+:class:`NextTokenMixin` gives :class:`~manyways.backends.hf.HFBackend` ``next_token_probs`` (P of
+each option's first token right after the assistant turn opens, renormalised over the options:
+the score stage's adherence judge) and ``next_token_logprobs`` (the likeliest first tokens), both
+from one batched forward pass over left-padded conversations. It uses the back-end's model,
+tokenizer, ``encode``, ``_forward``, ``pad_id``, ``device`` and ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from manyways.backends.protocol import renormalise
+
+logger = logging.getLogger(__name__)
+
+
+class NextTokenMixin:
+    """Next-token probabilities for :class:`~manyways.backends.hf.HFBackend` (see the module)."""
+
+    model: Any
+    tokenizer: Any
+    device: Any
+    batch_size: int
+    pad_id: int
+
+    def _next_logits(self, messages_list: Sequence[list[dict[str, str]]]) -> torch.Tensor:
+        """Next-token logits (float32, [conversations, vocab]) after the assistant turn opens."""
+        from transformers import DynamicCache
+
+        token_lists = [self.encode(m) for m in messages_list]
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(token_lists), self.batch_size):
+                chunk = token_lists[start : start + self.batch_size]
+                width = max(len(t) for t in chunk)
+                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
+                mask = torch.zeros_like(ids)
+                for i, tokens in enumerate(chunk):
+                    ids[i, width - len(tokens) :] = torch.tensor(tokens, device=self.device)
+                    mask[i, width - len(tokens) :] = 1
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                cache = DynamicCache(config=self.model.config)
+                out.append(self._forward(ids, mask, positions, cache).float())
+        return torch.cat(out, dim=0)
+
+    def option_token_ids(self, options: Sequence[str]) -> list[int]:
+        """The first token id of each option as it would start the assistant's reply."""
+        ids = []
+        for option in options:
+            tokens = self.tokenizer(option, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ValueError(f"option {option!r} has no tokens")
+            ids.append(int(tokens[0]))
+        if len(set(ids)) < len(ids):
+            logger.warning("options %s share a first token; their probabilities will be equal", list(options))
+        return ids
+
+    def next_token_probs(
+        self, messages_list: Sequence[list[dict[str, str]]], options: Sequence[str]
+    ) -> list[dict[str, float]]:
+        """P(first token of each option), renormalised over the options; one forward pass."""
+        ids = self.option_token_ids(options)
+        probs = torch.softmax(self._next_logits(messages_list), dim=-1)[:, ids]
+        return [renormalise(dict(zip(options, row.tolist(), strict=True))) for row in probs]
+
+    def next_token_logprobs(
+        self, messages_list: Sequence[list[dict[str, str]]], top_k: int
+    ) -> list[dict[str, float]]:
+        """The ``top_k`` likeliest first tokens (decoded text -> log-probability)."""
+        logprobs = torch.log_softmax(self._next_logits(messages_list), dim=-1)
+        values, ids = torch.topk(logprobs, k=top_k, dim=-1)
+        out = []
+        for vals, toks in zip(values.tolist(), ids.tolist(), strict=True):
+            entry: dict[str, float] = {}
+            for v, t in zip(vals, toks, strict=True):
+                entry.setdefault(self.tokenizer.decode([t]), v)
+            out.append(entry)
+        return out
