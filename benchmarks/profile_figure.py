@@ -24,6 +24,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's package, not whichever one the venv's editable install points at (as run.py)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 from common import REPO_ROOT, set_threads  # noqa: E402
 
