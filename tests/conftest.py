@@ -27,3 +27,21 @@ def tiny_model_dir() -> Path:
     from manyways.models import build_tiny_model
 
     return build_tiny_model()
+
+
+def spread_hf_backend(model_dir: Path):
+    """An fp32 hf back-end on the tiny model with its matrices redrawn at a larger spread (0.15,
+    seeded) than the init, so greedy decoding gives varied tokens; one torch thread."""
+    import torch
+
+    from manyways.backends.hf import HFBackend
+    from manyways.models import load_model_and_tokenizer
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), dtype="float32", device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    return HFBackend(model, tokenizer, model_id="tiny", batch_size=16)

@@ -107,17 +107,9 @@ def test_finished_rows_leave_and_unread_prompts_are_dropped() -> None:
 # ----------------------------------------------------------------------------- the back-end
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path):
-    from manyways.backends.hf import HFBackend
-    from manyways.models import load_model_and_tokenizer
+    from conftest import spread_hf_backend
 
-    torch.set_num_threads(1)
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a larger spread than the init: varied greedy tokens (as test_backend_hf)
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    backend = HFBackend(model, tokenizer, model_id="tiny", batch_size=16)
+    backend = spread_hf_backend(tiny_model_dir)
     backend.cascade_min_saved = 0  # the tests' short prompts: take the cascade path whenever it applies
     return backend
 

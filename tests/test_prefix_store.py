@@ -23,7 +23,8 @@ def _sdpa(query, keys, values, mask, scale):
     return (torch.softmax(scores, dim=-1) @ values.float()).transpose(1, 2)
 
 
-def test_prefill_on_a_shared_prefix_equals_attention_over_the_replicated_prefix() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_flash_kernel", "matmul_form_as_on_gpu"])
+def test_prefill_on_a_shared_prefix_equals_attention_over_the_replicated_prefix(fused: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     rows, kv, group, dim, prefix_len, width = 3, 2, 3, 8, 9, 5
     pk, pv = (torch.randn(1, kv, prefix_len, dim, generator=gen) for _ in range(2))
@@ -37,7 +38,7 @@ def test_prefill_on_a_shared_prefix_equals_attention_over_the_replicated_prefix(
         visible[r, :, prefix_len : prefix_len + p] = False
     mask = visible[:, None]
     query = torch.randn(rows, kv * group, width, dim, generator=gen)
-    got = cascade_attention(query, suffix_k, suffix_v, mask, 0.3, cache.layers[0], cache)
+    got = cascade_attention(query, suffix_k, suffix_v, mask, 0.3, cache.layers[0], cache, fused=fused)
     full_k = torch.cat([pk.expand(rows, -1, -1, -1), k], dim=2).repeat_interleave(group, dim=1)
     full_v = torch.cat([pv.expand(rows, -1, -1, -1), v], dim=2).repeat_interleave(group, dim=1)
     want = _sdpa(query, full_k, full_v, mask, 0.3)
@@ -47,7 +48,7 @@ def test_prefill_on_a_shared_prefix_equals_attention_over_the_replicated_prefix(
     # no mask given: the suffix part is causal (row 0 has no padding)
     one = shared_cascade([(pk.transpose(-1, -2).contiguous(), pv)], 1, max_len=16)
     one_k, one_v = one.update(k[:1], v[:1], 0)
-    causal = cascade_attention(query[:1], one_k, one_v, None, 0.3, one.layers[0], one)
+    causal = cascade_attention(query[:1], one_k, one_v, None, 0.3, one.layers[0], one, fused=fused)
     assert torch.allclose(causal, want[:1], atol=1e-6)
 
 
@@ -84,17 +85,10 @@ def test_a_declared_prefix_must_start_the_last_message() -> None:
 # ----------------------------------------------------------------------------- the back-end
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path):
-    from manyways.backends.hf import HFBackend
-    from manyways.models import load_model_and_tokenizer
+    from conftest import spread_hf_backend
 
-    torch.set_num_threads(1)
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a larger spread than the init: varied greedy tokens (as test_cascade)
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    return HFBackend(model, tokenizer, model_id="tiny", batch_size=16)
+    backend = spread_hf_backend(tiny_model_dir)
+    return backend
 
 
 def _requests(traces: list[str], declare: bool, tokens: int = 12) -> list[GenRequest]:

@@ -355,3 +355,19 @@ def test_validity_stage_is_what_analyze_would_compute_and_analyze_reads_it(
     other_judge = load_config(None, [f"run.root={tmp_path}", "run.name=run", "analyze.judge_model=x"])
     assert validity_stage.stage_config(other_arm) == validity_stage.stage_config(cfg)
     assert validity_stage.stage_config(other_judge) != validity_stage.stage_config(cfg)
+
+
+@pytest.mark.slow
+def test_hf_judge_with_its_prefix_store_on_ray_matches_local(
+    tmp_path: Path, stages: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    """The real hf judge (tiny model): each Ray actor keeps its own prefix store and prefills the
+    menu itself; the labels equal the in-process run's (declared-prefix path, both executors)."""
+    hf = ("analyze.judge_backend.kind=hf", f"analyze.judge_model={tiny_model_dir}", "analyze.max_traces=3")
+    local = _judge_from_config(tmp_path / "l", stages, *hf)
+    ray = _judge_from_config(
+        tmp_path / "r", stages, *hf, "analyze.executor=ray", "analyze.workers=2", "analyze.ray_num_cpus=2"
+    )
+    assert local["composition"]["per_model"] and local["judge_validity"]["parsed"] > 0
+    for key in ("composition", "judge_validity", "modes"):
+        assert ray[key] == local[key]

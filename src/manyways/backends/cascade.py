@@ -245,13 +245,17 @@ def cascade_attention(
     scale: float,
     layer: CascadeLayer,
     cache: CascadeCache,
+    *,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Attention of each row's queries (``query``: ``[rows, heads, q_len, dim]``; one token when
     decoding, a prompt's remainder when prefilling on top of a shared prefix) over its prompt's
     prefix and its own suffix (``key``/``value``: ``[rows, kv_heads, suffix, dim]``, the new tokens
     included). ``attention_mask`` covers prefix + suffix (``[rows, 1, q_len, prefix + suffix]``,
     boolean or additive) or is None (then the suffix part is causal). Returns ``[rows, q_len, heads,
-    dim]`` in the values' dtype (transformers' attention-function layout)."""
+    dim]`` in the values' dtype (transformers' attention-function layout). A prefill (``q_len`` >
+    1) uses torch's fused CPU flash kernel on the CPU and the matmul form elsewhere (``fused``
+    overrides: the tests run both on the CPU)."""
     layer.unread = False
     rows, heads, q_len, dim = query.shape
     kv_heads, prompts, suffix = key.shape[1], layer.prefix_kt.shape[0], key.shape[2]
@@ -259,7 +263,7 @@ def cascade_attention(
     if q_len == 1:
         return _decode_step(query, key, value, attention_mask, scale, layer, cache)
     span = group * q_len  # the query rows of one KV head: (query head in group, position)
-    flash = q_len > 1 and query.device.type == "cpu"  # a prefill: the fused kernel, see _flash_part
+    flash = query.device.type == "cpu" if fused is None else fused  # the fused kernel: _flash_part
     work = torch.float32 if flash else key.dtype
     q = query.to(work).reshape(rows, kv_heads, span, dim)
     groups = cache.groups
