@@ -433,3 +433,20 @@ def test_decode_bound_detail_splits_wide_and_narrow_steps_and_takes_the_median()
     replicated = bounds.decode_bound_detail(SHAPE, [run], 1e12, 904, shared=False)
     assert replicated["decode_bound_kind"] == "replicated"
     assert replicated["decode_fraction_of_bound"] == pytest.approx((1480 + 552) / 904 / 6.0)
+
+
+def test_figure_9_is_the_experiment_wall_time_with_stage_shares(tmp_path: Path) -> None:
+    import bench_demo
+
+    run = tmp_path / "tiny_cpu"
+    for name, wall in (("generate-a", 300.0), ("midtrain-b", 200.0), ("midtrain-c", 100.0)):
+        (run / "stages" / name).mkdir(parents=True)
+        (run / "stages" / name / "manifest.json").write_text(json.dumps({"wall_s": wall}))
+    older = bench_demo.figure_9(run)  # no experiment.json: the summed stage time
+    assert older.value == pytest.approx(10.0) and "sum of stage wall_s" in older.name
+    (run / "experiment.json").write_text(json.dumps({"wall_s": 360.0, "jobs": 2, "reused": []}))
+    fig = bench_demo.figure_9(run)
+    assert fig.value == pytest.approx(6.0) and fig.met is True and "experiment wall time" in fig.name
+    assert fig.detail["jobs"] == 2 and fig.detail["parallel_speedup"] == pytest.approx(600 / 360, abs=0.01)
+    assert fig.detail["share"] == {"generate": 0.5, "midtrain": 0.5}
+    assert fig.detail["stage_minutes_summed"] == pytest.approx(10.0)

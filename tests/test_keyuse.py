@@ -81,6 +81,7 @@ def test_every_key_of_the_cpu_config_is_read_by_a_run(tmp_path, tiny_model_dir, 
         f"run.root={tmp_path}",
         f"model.name={tiny_model_dir}",
         f"experiment.teacher_model={tiny_model_dir}",
+        "experiment.jobs=1",  # stages in this process, where the reads are recorded (and faked)
         f"score.cache_dir={tmp_path / 'scores'}",  # an empty score cache: the judge is really built
         "experiment.arms=[distill_rl]",  # the longest arm, and the one that reads teacher_model
         "data.train.size=3",

@@ -7,8 +7,10 @@ Every stage command takes a config YAML and ``key=value`` overrides::
     manyways generate configs/tiny_cpu.yaml            # then verify, score, select, ...
     manyways pipeline configs/tiny_cpu.yaml            # every stage of one arm, in order
     manyways experiment configs/tiny_cpu.yaml          # every arm, compared in one report
+    manyways experiment configs/tiny_cpu.yaml --jobs 2 # two stage runs at once (one per core)
 
-Logging is configured here and only here.
+Logging is configured here and only here (:func:`setup_logging`, also in an experiment's worker
+processes).
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the config on this CPU with tiny stand-ins for Hub models and data (manyways.rehearsal)",
     )
     exp_cmd.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="stage runs at once, in worker processes (default: experiment.jobs; the demo's is 2)",
+    )
+    exp_cmd.add_argument(
         "--rehearse-scale", type=int, default=None, help="rehearsal: divisor of question counts"
     )
 
@@ -94,17 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(level: int, worker: bool = False) -> None:
+    """The command's logging; an experiment's worker processes (``worker``) name themselves."""
+    name = " [%(processName)s]" if worker else ""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level,
+        format=f"%(asctime)s %(levelname)s{name} %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "torch", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _quiet_library_bars() -> None:
+def quiet_library_bars() -> None:
     """--no-progress also silences transformers' and datasets' own bars."""
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     try:
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging(args.verbose)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from manyways.artifacts import ArtifactError
     from manyways.config import ConfigError
@@ -163,7 +173,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = _load(args)
     progress = not args.no_progress
     if not progress:
-        _quiet_library_bars()
+        quiet_library_bars()
     if args.command in STAGES:
         manifest = pipeline.run_stage(args.command, cfg, overwrite=args.overwrite, show_progress=progress)
         if "summary" in manifest:
@@ -181,7 +191,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "experiment":
         from manyways.experiment import run_experiment
 
-        result = run_experiment(cfg, overwrite=args.overwrite, show_progress=progress)
+        result = run_experiment(cfg, overwrite=args.overwrite, show_progress=progress, jobs=args.jobs)
         print(result["summary"])
         print(f"\nreport: {result['report']}")
     elif args.command == "peek":

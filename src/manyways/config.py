@@ -356,6 +356,13 @@ class ExperimentSection(Section):
         description="Per-arm dotted-key overrides, e.g. {polya_n4: {midtrain.learning_rate: 2e-5}}; "
         "only that arm's dependent stages are recomputed.",
     )
+    jobs: int = Field(
+        1,
+        ge=1,
+        description="Stage runs at once (manyways.schedule): > 1 runs them in worker processes with "
+        "cores // jobs torch threads each; artifacts do not depend on it. Keep 1 where one stage "
+        "fills the machine (a GPU per stage, Ray).",
+    )
 
 
 class Config(Section):

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manyways.artifacts import is_finished, read_manifest, stable_hash, write_json_atomic
+from manyways.artifacts import read_manifest, stable_hash, write_json_atomic
 from manyways.config import Config, config_from_dict
 from manyways.pipeline import save_run_config, stage_module
+from manyways.schedule import Chain, InProcessLauncher, PoolLauncher, Scheduler, threads_per_job
 
 log = logging.getLogger(__name__)
 
@@ -193,67 +194,57 @@ def stage_key(stage: str, cfg: Config, inputs: dict[str, Path]) -> str:
     return stable_hash({"stage": stage, "config": section, "inputs": fingerprints}, 12)
 
 
-@dataclass
-class ExperimentRun:
-    """Executes arms over a shared, content-addressed stage store."""
+BASE_STEPS = [
+    Step("evaluate", "evaluate", {"evaluate.include_base": True}),
+    VALIDITY,
+    BASE_ANALYZE,
+]
+BASE_CHAIN = "base"  # the base model, evaluated and analyzed once for every arm
 
-    cfg: Config
-    overwrite: bool = False
-    show_progress: bool = True
-    executed: list[str] = field(default_factory=list)  # stage dirs computed in this call
-    reused: list[str] = field(default_factory=list)  # stage dirs found finished
-    # how a stage is run: (stage, cfg, out, inputs, overwrite, show_progress); None = in-process.
-    # The rehearsal (manyways.rehearsal) runs midtrain and rl under `accelerate launch` with it.
-    stage_runner: Callable[..., Any] | None = None
 
-    @property
-    def store(self) -> Path:
-        return self.cfg.run_dir / "stages"
+def experiment_chains(cfg: Config) -> list[Chain]:
+    """The base model's chain, then one chain per arm: each a list of (step, its config)."""
+    chains = [Chain(BASE_CHAIN, [(step, derive_config(cfg, step.overrides)) for step in BASE_STEPS])]
+    for arm in cfg.experiment.arms:
+        arm_overrides = cfg.experiment.overrides.get(arm, {})
+        steps = [
+            (step, derive_config(cfg, {**step.overrides, **arm_overrides})) for step in arm_steps(arm, cfg)
+        ]
+        chains.append(Chain(arm, steps))
+    return chains
 
-    def run_step(self, step: Step, cfg: Config, done: dict[str, Path]) -> Path:
-        inputs = {name: done[src] for name, src in step.inputs.items()}
-        out = self.store / f"{step.stage}-{stage_key(step.stage, cfg, inputs)}"
-        if is_finished(out):
-            self.reused.append(out.name)
-            return out
-        log.info("== %s -> %s", step.stage, out.name)
-        if self.stage_runner is not None:
-            self.stage_runner(step.stage, cfg, out, inputs, self.overwrite, self.show_progress)
-        else:
-            stage_module(step.stage).run(
-                cfg, out, inputs=inputs, overwrite=self.overwrite, show_progress=self.show_progress
-            )
-        self.executed.append(out.name)
-        return out
 
-    def run_arm(self, arm: str) -> dict[str, Any]:
-        started = time.time()
-        done: dict[str, Path] = {}
-        record: dict[str, Any] = {"arm": arm, "stages": {}}
-        arm_overrides = self.cfg.experiment.overrides.get(arm, {})
-        for step in arm_steps(arm, self.cfg):
-            before = len(self.executed)
-            cfg = derive_config(self.cfg, {**step.overrides, **arm_overrides})
-            done[step.name] = self.run_step(step, cfg, done)
-            record["stages"][step.name] = {
-                "dir": str(done[step.name]),
-                "reused": len(self.executed) == before,
-            }
-        record["wall_s"] = round(time.time() - started, 1)
-        write_json_atomic(self.cfg.run_dir / "arms" / f"{arm}.json", record)
-        return record
+def _launcher(cfg: Config, jobs: int, overwrite: bool, show_progress: bool, stage_runner: Any) -> Any:
+    if stage_runner is not None or jobs <= 1:
+        if stage_runner is not None and jobs > 1:
+            log.info("experiment.jobs=%d ignored: the stage runner runs one stage at a time", jobs)
+        return InProcessLauncher(overwrite, show_progress, stage_runner)
+    threads = threads_per_job(jobs)
+    _decide_auto_dtypes(cfg)
+    log.info("running up to %d stages at once, %d torch thread(s) each", jobs, threads)
+    return PoolLauncher(jobs, threads, overwrite)
 
-    def evaluate_base(self) -> dict[str, Path]:
-        """The base model, evaluated and analyzed once for every arm."""
-        done: dict[str, Path] = {}
-        done["evaluate"] = self.run_step(
-            Step("evaluate", "evaluate", {"evaluate.include_base": True}),
-            derive_config(self.cfg, {"evaluate.include_base": True}),
-            done,
-        )
-        done["validity"] = self.run_step(VALIDITY, self.cfg, done)
-        done["analyze"] = self.run_step(BASE_ANALYZE, self.cfg, done)
-        return done
+
+def _decide_auto_dtypes(cfg: Config) -> None:
+    """Measure ``dtype: auto`` here, before the workers start, so that no measurement runs next to
+    a busy worker (each worker then reads the cached decision)."""
+    backends = [cfg.generate.backend, cfg.score.backend, cfg.evaluate.backend, cfg.analyze.judge_backend]
+    auto = cfg.model.dtype == "auto" or any(b.kind == "hf" and b.dtype == "auto" for b in backends)
+    if not auto:
+        return
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        from manyways.dtype_auto import WORKLOADS, resolve_auto_dtype
+        from manyways.models import resolve_model_path
+
+        for name in {cfg.model.name, cfg.experiment.teacher_model} - {None}:
+            for workload in WORKLOADS:
+                resolve_auto_dtype(workload, resolve_model_path(name))
+    except (OSError, ValueError, ImportError) as exc:  # the workers decide then, as one job would
+        log.warning("dtype auto not decided before the workers start: %s", exc)
 
 
 def run_experiment(
@@ -262,8 +253,12 @@ def run_experiment(
     overwrite: bool = False,
     show_progress: bool = True,
     stage_runner: Callable[..., Any] | None = None,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
-    """Run every arm, evaluate, analyze, and write one comparison report; returns a summary."""
+    """Run every arm, evaluate, analyze, and write one comparison report; returns a summary.
+
+    ``jobs`` (default ``experiment.jobs``) stage runs at once, in worker processes when > 1
+    (:mod:`manyways.schedule`); ``stage_runner`` (the rehearsal's) runs one at a time."""
     from manyways.experiment_report import write_experiment_report
 
     for arm in cfg.experiment.arms:
@@ -271,14 +266,36 @@ def run_experiment(
     unknown = sorted(set(cfg.experiment.overrides) - set(cfg.experiment.arms))
     if unknown:
         raise ValueError(f"experiment.overrides names arms that are not in experiment.arms: {unknown}")
+    jobs = cfg.experiment.jobs if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     save_run_config(cfg, overwrite=overwrite)
-    runner = ExperimentRun(cfg, overwrite=overwrite, show_progress=show_progress, stage_runner=stage_runner)
-    base = runner.evaluate_base()
-    arms = {}
-    for arm in cfg.experiment.arms:
-        log.info("==== arm %s", arm)
-        arms[arm] = runner.run_arm(arm)
+    started = time.time()
+    chains = experiment_chains(cfg)
+
+    def arm_done(chain: Chain) -> None:
+        if chain.label != BASE_CHAIN:
+            record = {"arm": chain.label, "stages": chain.stages, "wall_s": chain.wall_s}
+            write_json_atomic(cfg.run_dir / "arms" / f"{chain.label}.json", record)
+
+    launcher = _launcher(cfg, jobs, overwrite, show_progress, stage_runner)
+    scheduler = Scheduler(
+        cfg.run_dir / "stages", launcher, stage_key, show_progress=show_progress, on_chain_done=arm_done
+    )
+    try:
+        scheduler.run(chains)
+    finally:
+        launcher.close()
+    base = chains[0].done
+    arms = {c.label: {"arm": c.label, "stages": c.stages, "wall_s": c.wall_s} for c in chains[1:]}
     html, summary = write_experiment_report(cfg, base, arms)
-    result = {"executed": runner.executed, "reused": runner.reused, "report": str(html), "summary": summary}
+    result = {
+        "executed": scheduler.executed,
+        "reused": scheduler.reused,
+        "report": str(html),
+        "summary": summary,
+        "jobs": launcher.slots,
+        "wall_s": round(time.time() - started, 1),
+    }
     write_json_atomic(cfg.run_dir / "experiment.json", result)
     return result

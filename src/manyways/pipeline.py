@@ -43,12 +43,16 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 ORDER = tuple(INPUTS)
 
 
+# how a run is executed, not what it computes: a resumed run may change them
+EXECUTION_KEYS = frozenset({"experiment.jobs"})
+
+
 def save_run_config(cfg: Config, *, overwrite: bool = False) -> Path:
     """Write ``<run>/config.yaml``; refuse a different config already there unless overwriting."""
     path = cfg.run_dir / "config.yaml"
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
-        changed = diff_keys(old, cfg.to_dict())
+        changed = [k for k in diff_keys(old, cfg.to_dict()) if k not in EXECUTION_KEYS]
         if changed and not overwrite:
             raise ArtifactError(
                 f"{cfg.run_dir} was started with a different config (differs: {', '.join(changed)}); "

@@ -1,6 +1,6 @@
 """``manyways experiment CONFIG --plan``: what an experiment will run and cost, without running it.
 
-:func:`project` walks the same steps as :class:`manyways.experiment.ExperimentRun` (the base
+:func:`project` walks the same steps as :func:`manyways.experiment.experiment_chains` (the base
 evaluation, then each arm's :func:`~manyways.experiment.arm_steps` with the same derived configs)
 and predicts each stage run's content address exactly as a run computes it, so the plan names
 the ``<run>/stages/<stage>-<key>`` directories a run would create, and shows which of them arms
@@ -196,7 +196,7 @@ def predicted_fingerprint(
 
 
 class _Walker:
-    """Replays ExperimentRun's step order, predicting directories instead of running stages."""
+    """Replays the experiment chains' steps, predicting directories instead of running stages."""
 
     def __init__(self, cfg: Config, assumptions: Assumptions):
         self.cfg, self.assumptions = cfg, assumptions

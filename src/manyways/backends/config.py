@@ -95,6 +95,28 @@ def resolve_dtype(choice: str, device: str, model: Any = None) -> str:
     return "bfloat16" if cpu_supports_bf16() else "float32"
 
 
+FAKE_ANSWERS_ENV = "MANYWAYS_FAKE_ANSWERS"
+
+
+def fake_answers() -> dict[str, str]:
+    """The gold answers the fake back-end answers from: a JSON object {question: answer} in the
+    file ``$MANYWAYS_FAKE_ANSWERS`` (dry runs and tests whose later stages need correct traces,
+    also in an experiment's worker processes); none without it."""
+    import json
+    import os
+
+    path = os.environ.get(FAKE_ANSWERS_ENV)
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{FAKE_ANSWERS_ENV}={path}: cannot read a JSON object of answers ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{FAKE_ANSWERS_ENV}={path}: expected a JSON object {{question: answer string}}")
+    return data
+
+
 def make_backend(cfg: BackendConfig, default_model: str) -> GenerationBackend:
     """Build the back-end ``cfg`` names, importing its module only now."""
     model = cfg.model or default_model
@@ -102,7 +124,7 @@ def make_backend(cfg: BackendConfig, default_model: str) -> GenerationBackend:
     if cfg.kind == "fake":
         from manyways.backends.fake import FakeBackend
 
-        return FakeBackend(model_id=model)
+        return FakeBackend(fake_answers(), model_id=model)
     if cfg.kind == "hf":
         from manyways.backends.hf import HFBackend
 
