@@ -20,8 +20,8 @@ from manyways.schedule import Chain, Scheduler
 
 
 class ThreadLauncher:
-    """Runs synthetic stages on threads: each writes its manifest after ``delay`` seconds,
-    or raises when its stage name is in ``fail``; records order and concurrency."""
+    """Runs synthetic stages on threads: each writes its manifest after ``delay`` seconds, or
+    raises at once when its stage name is in ``fail``; records order and concurrency."""
 
     def __init__(self, slots: int, delay: float = 0.05, fail: tuple[str, ...] = ()):
         self.slots, self.delay, self.fail = slots, delay, fail
@@ -36,7 +36,7 @@ class ThreadLauncher:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
         try:
-            time.sleep(self.delay)
+            time.sleep(0 if stage in self.fail else self.delay)  # failures come first
             if stage in self.fail:
                 raise ValueError(f"{stage} refused")
             out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +83,26 @@ def test_the_stage_most_chains_wait_for_runs_first_and_once(tmp_path):
     assert {c.stages[f"train{i}"]["dir"] for i, c in enumerate(shared)} == {
         str(tmp_path / f"train{i}-gen-0") for i in range(3)
     }
+
+
+def test_a_step_reading_nothing_is_ready_from_the_start_in_every_chain(tmp_path):
+    launcher = ThreadLauncher(slots=1, delay=0)
+    chains = []
+    for i in range(3):  # gen -> train -> analyze(train, validity); validity reads nothing
+        steps = [
+            (Step("gen", "gen", {}), None),
+            (Step("train", f"train{i}", {}, {"in": "gen"}), None),
+            (Step("validity", "validity", {}), None),
+            (Step("analyze", f"analyze{i}", {}, {"a": "train", "b": "validity"}), None),
+        ]
+        chains.append(Chain(f"arm{i}", steps))
+    Scheduler(tmp_path, launcher, _key).run(chains)
+    # validity and gen are both wanted by all three chains at once; the tie goes to config order
+    assert launcher.submitted[:2] == ["gen-0", "validity-0"]
+    assert launcher.submitted.count("validity-0") == 1
+    assert all(c.finished for c in chains)
+    assert list(chains[0].stages) == ["gen", "train", "validity", "analyze"]  # the chain's order
+    assert chains[2].stages["analyze"]["dir"] == str(tmp_path / "analyze2-train2-gen-0+validity-0")
 
 
 def test_one_slot_runs_every_stage_in_dependency_order(tmp_path):
@@ -189,7 +209,8 @@ def test_two_jobs_in_worker_processes_write_what_one_job_writes(
 
     arms = "[vanilla_rl, polya_n1, budget_2x3]"
     # both runs in the same directory (stage configs name model paths under it), one after the other
-    cfg = _experiment_cfg(tmp_path / "runs", tiny_model_dir, arms)
+    # each run its own empty score cache: the score manifests count cache hits
+    cfg = _experiment_cfg(tmp_path / "runs", tiny_model_dir, arms, f"score.cache_dir={tmp_path / 's1'}")
     fake_answers_file(cfg)
     monkeypatch.setattr(schedule, "available_cores", lambda: 2)  # one torch thread per worker
     threads = torch.get_num_threads()
@@ -200,6 +221,7 @@ def test_two_jobs_in_worker_processes_write_what_one_job_writes(
         torch.set_num_threads(threads)
     one = tmp_path / "one"
     shutil.move(cfg.run_dir, one)
+    cfg = experiment.derive_config(cfg, {"score.cache_dir": str(tmp_path / "s2")})
     second = experiment.run_experiment(cfg, show_progress=False, jobs=2)
     two = cfg.run_dir
 

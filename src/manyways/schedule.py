@@ -3,12 +3,13 @@
 ``manyways experiment configs/tiny_cpu.yaml`` (the demo runs 2 jobs, one per core; ``--jobs N``
 overrides the config)
 
-Each arm, and the base model, is a *chain*: its steps run in order, and a step's stage directory
-is known once its inputs have finished (the content address hashes their fingerprints, see
-:func:`manyways.experiment.stage_key`). The scheduler keeps up to ``jobs`` stage runs going. A
-free slot takes the ready stage that the most chains wait for (the one heuristic generation feeds
-most arms), then the one whose chain has the most steps left, then the earliest chain in config
-order. A stage several chains need runs once; the others wait for it and count it as reused.
+Each arm, and the base model, is a *chain* of steps. A step is ready once the steps it reads have
+finished, and only then is its stage directory known (the content address hashes their
+fingerprints, see :func:`manyways.experiment.stage_key`). The scheduler keeps up to ``jobs``
+stage runs going. A free slot takes the ready stage that the most chains wait for (the judge's
+validity, read by every arm's analysis; the one heuristic generation that feeds most arms), then
+the one whose chain has the most steps left, then the earliest chain in config order. A stage
+several chains need runs once; the others wait for it and count it as reused.
 
 With ``jobs: 1`` stages run in this process, one at a time. With more they run in worker
 processes (spawned, each with ``cores // jobs`` torch threads, CPU count from the process's
@@ -131,25 +132,44 @@ def run_stage_job(
 # ----------------------------------------------------------------------------- chains
 @dataclass
 class Chain:
-    """One arm's (or the base model's) steps, run in order; ``steps`` are (Step, its Config)."""
+    """One arm's (or the base model's) steps; ``steps`` are (Step, its Config). A step is ready
+    when the steps it reads (``Step.inputs``) are done, so a step with no inputs (the judge's
+    validity) can run from the start; ``stages`` lists the steps in the chain's order."""
 
     label: str
     steps: list[tuple[Any, Any]]
     done: dict[str, Path] = field(default_factory=dict)
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pos: int = 0
+    reused: dict[str, bool] = field(default_factory=dict)
     started: float | None = None
     wall_s: float | None = None
 
     @property
     def finished(self) -> bool:
-        return self.pos >= len(self.steps)
+        return len(self.done) == len(self.steps)
 
-    def advance(self, out: Path, reused: bool) -> None:
-        step = self.steps[self.pos][0]
+    @property
+    def left(self) -> int:
+        return len(self.steps) - len(self.done)
+
+    @property
+    def stages(self) -> dict[str, dict[str, Any]]:
+        return {
+            step.name: {"dir": str(self.done[step.name]), "reused": self.reused[step.name]}
+            for step, _ in self.steps
+            if step.name in self.done
+        }
+
+    def ready(self) -> list[tuple[Any, Any]]:
+        """Steps not done whose inputs are done, in the chain's order."""
+        return [
+            (step, cfg)
+            for step, cfg in self.steps
+            if step.name not in self.done and all(src in self.done for src in step.inputs.values())
+        ]
+
+    def complete(self, step: Any, out: Path, reused: bool) -> None:
         self.done[step.name] = out
-        self.stages[step.name] = {"dir": str(out), "reused": reused}
-        self.pos += 1
+        self.reused[step.name] = reused
         if self.finished and self.started is not None:
             self.wall_s = round(time.time() - self.started, 1)
 
@@ -227,27 +247,31 @@ class Scheduler:
     def _advance(
         self, chains: list[Chain], inflight: dict, owner: dict[Path, str], bar: Any
     ) -> dict[Path, list[_Want]]:
-        """Move every chain past its finished steps; the stages they now wait for, not running."""
+        """Complete every chain's steps whose stage has finished; the stages that chains' ready
+        steps now wait for and that are not running."""
         wants: dict[Path, list[_Want]] = {}
         for chain in chains:
-            while not chain.finished:
-                step, cfg = chain.steps[chain.pos]
-                if chain.started is None:
-                    chain.started = time.time()
-                inputs = {name: chain.done[src] for name, src in step.inputs.items()}
-                out = self.store / f"{step.stage}-{self.key(step.stage, cfg, inputs)}"
-                if not is_finished(out):
-                    if out not in inflight:
-                        wants.setdefault(out, []).append(_Want(chain, step.stage, cfg, inputs))
-                    break
-                reused = owner.get(out) != chain.label
-                if reused:
-                    self.reused.append(out.name)
-                chain.advance(out, reused)
-                if bar is not None:
-                    bar.update(1)
-                if chain.finished and self.on_chain_done is not None:
-                    self.on_chain_done(chain)
+            if chain.started is None:
+                chain.started = time.time()
+            progressed = True
+            while progressed and not chain.finished:
+                progressed = False
+                for step, cfg in chain.ready():
+                    inputs = {name: chain.done[src] for name, src in step.inputs.items()}
+                    out = self.store / f"{step.stage}-{self.key(step.stage, cfg, inputs)}"
+                    if not is_finished(out):
+                        if out not in inflight:
+                            wants.setdefault(out, []).append(_Want(chain, step.stage, cfg, inputs))
+                        continue
+                    reused = owner.get(out) != chain.label
+                    if reused:
+                        self.reused.append(out.name)
+                    chain.complete(step, out, reused)
+                    progressed = True
+                    if bar is not None:
+                        bar.update(1)
+                    if chain.finished and self.on_chain_done is not None:
+                        self.on_chain_done(chain)
         return wants
 
     @staticmethod
@@ -257,7 +281,7 @@ class Scheduler:
 
         def key(out: Path) -> tuple[int, int, int]:
             ws = wants[out]
-            left = max(len(w.chain.steps) - w.chain.pos for w in ws)
+            left = max(w.chain.left for w in ws)
             return (-len(ws), -left, min(order[id(w.chain)] for w in ws))
 
         return sorted(wants, key=key)
