@@ -277,3 +277,21 @@ def test_jobs_is_how_a_run_executes_not_what_it_computes(tmp_path):
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         experiment.run_experiment(load_config(None, base), jobs=0)
     assert load_config("configs/tiny_cpu.yaml").experiment.jobs == 2  # the demo: one job per core
+
+
+def test_dtype_auto_is_decided_before_the_workers_start(monkeypatch, tmp_path):
+    """Measured next to a busy worker the decision could flip; the driver decides (and caches)
+    it for every workload and model first, and a fixed dtype measures nothing."""
+    from manyways import dtype_auto
+    from manyways.config import load_config
+
+    calls = []
+    monkeypatch.setattr(dtype_auto, "resolve_auto_dtype", lambda w, m, **kw: calls.append((w, m)))
+    cfg = load_config(None, [f"model.name={tmp_path}", "experiment.teacher_model=/teacher"])
+    experiment._decide_auto_dtypes(cfg)
+    assert sorted(calls) == sorted((w, m) for w in dtype_auto.WORKLOADS for m in (str(tmp_path), "/teacher"))
+    calls.clear()
+    fixed = ["model.dtype=float32", "generate.backend.dtype=float32", "score.backend.dtype=float32"]
+    fixed += ["evaluate.backend.dtype=float32", "analyze.judge_backend.dtype=float32"]
+    experiment._decide_auto_dtypes(load_config(None, [f"model.name={tmp_path}", *fixed]))
+    assert calls == []

@@ -25,6 +25,10 @@ experiment resumes where it stopped, and changing one arm's setting recomputes o
 on it. Each arm's manifest (``<run>/arms/<arm>.json``) lists its stage directories and whether
 each was reused. Every arm is evaluated after RL, and every mid-trained model before RL.
 
+The arms and the base model are chains of steps (:func:`experiment_chains`) that
+:class:`manyways.schedule.Scheduler` runs: one stage at a time in this process, or
+``experiment.jobs`` at once in worker processes (the artifacts are the same either way).
+
 CPU command: ``manyways experiment configs/tiny_cpu.yaml`` (what ``make demo`` runs)
 """
 
