@@ -269,6 +269,17 @@ def other_kinds_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def previous_results(results: Path, by_kind: Path, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The results a partial run keeps the other figures from: this checkout's last
+    ``bench_out/results.json``, else (a fresh clone: ``bench_out/`` is not committed) the latest
+    committed results of this run's kind of CPU, so ``--only 9`` never drops the rest."""
+    if results.exists():
+        return json.loads(results.read_text())
+    if by_kind.exists():
+        return json.loads(by_kind.read_text()).get(cpu_kind(doc["machine"]["cpu_flags"]))
+    return None
+
+
 def keep_by_kind(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
     """Store ``doc`` as the latest results of its kind of CPU in ``path``; return ``doc`` with the
     other kinds' latest results attached (``other_kinds``) for BENCHMARKS.md."""
@@ -307,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.chdir(REPO_ROOT)
     doc = run_all(args.repeats, parse_only(args.only))
-    previous_path = args.out / "results.json"
-    if previous_path.exists():
-        doc = merge_previous(doc, json.loads(previous_path.read_text()))
+    doc = merge_previous(doc, previous_results(args.out / "results.json", BY_KIND, doc))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     sys.stdout.write(table(doc) + "\n")

@@ -450,3 +450,21 @@ def test_figure_9_is_the_experiment_wall_time_with_stage_shares(tmp_path: Path) 
     assert fig.detail["jobs"] == 2 and fig.detail["parallel_speedup"] == pytest.approx(600 / 360, abs=0.01)
     assert fig.detail["share"] == {"generate": 0.5, "midtrain": 0.5}
     assert fig.detail["stage_minutes_summed"] == pytest.approx(10.0)
+
+
+def test_a_partial_run_in_a_fresh_clone_keeps_the_committed_figures_of_its_kind(tmp_path: Path) -> None:
+    store = tmp_path / "results_by_kind.json"
+    zen = _doc("tuesday", [_fig(1, 3.1, "tuesday"), _fig(9, 35.9, "tuesday")], cpu="EPYC")
+    zen["machine"]["cpu_flags"] = ["avx2"]
+    bench_run.keep_by_kind(store, zen)
+    partial = _doc("wednesday", [_fig(9, 19.3, "wednesday")], cpu="EPYC")
+    partial["machine"]["cpu_flags"] = ["avx2"]
+    missing = tmp_path / "bench_out" / "results.json"  # a fresh clone has none
+    merged = bench_run.merge_previous(partial, bench_run.previous_results(missing, store, partial))
+    assert {f["number"]: f["value"] for f in merged["figures"]} == {1: 3.1, 9: 19.3}
+    amx = _doc("thursday", [_fig(9, 11.0, "thursday")], cpu="Xeon")
+    amx["machine"]["cpu_flags"] = ["amx_bf16"]
+    assert bench_run.previous_results(missing, store, amx) is None  # no figures of its kind yet
+    missing.parent.mkdir()
+    missing.write_text(json.dumps(zen))
+    assert bench_run.previous_results(missing, store, partial)["date"] == "tuesday"
