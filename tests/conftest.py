@@ -29,12 +29,11 @@ def tiny_model_dir() -> Path:
     return build_tiny_model()
 
 
-def spread_hf_backend(model_dir: Path):
-    """An fp32 hf back-end on the tiny model with its matrices redrawn at a larger spread (0.15,
-    seeded) than the init, so greedy decoding gives varied tokens; one torch thread."""
+def spread_model(model_dir: Path):
+    """(model, tokenizer): the tiny model in fp32 with its matrices redrawn at a larger spread
+    (0.15, seeded) than the init, so greedy decoding gives varied tokens; one torch thread."""
     import torch
 
-    from manyways.backends.hf import HFBackend
     from manyways.models import load_model_and_tokenizer
 
     torch.set_num_threads(1)
@@ -44,4 +43,12 @@ def spread_hf_backend(model_dir: Path):
         for p in model.parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    return model, tokenizer
+
+
+def spread_hf_backend(model_dir: Path):
+    """An hf back-end on :func:`spread_model`."""
+    from manyways.backends.hf import HFBackend
+
+    model, tokenizer = spread_model(model_dir)
     return HFBackend(model, tokenizer, model_id="tiny", batch_size=16)

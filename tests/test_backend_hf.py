@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import spread_model
 from manyways.backends import GenerationBackend, GenRequest
 from manyways.backends.hf import HFBackend, cache_keyword
 from manyways.backends.sampling import plan_batches, prefix_groups
@@ -25,15 +26,7 @@ QUESTIONS = ["What is 2+3?", "A train leaves at noon; when does it arrive?", "Co
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir: Path):
-    from manyways.models import load_model_and_tokenizer
-
-    torch.set_num_threads(1)
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    model, tokenizer = spread_model(tiny_model_dir)
     return model, tokenizer
 
 

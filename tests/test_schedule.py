@@ -250,7 +250,7 @@ def test_a_stage_failing_in_a_worker_stops_the_experiment_with_its_own_error(
     cfg = _experiment_cfg(tmp_path, tiny_model_dir, "[vanilla_rl, budget_5x6]", "heuristics.n=5")
     fake_answers_file(cfg)
     with pytest.raises(Exception, match=r"fixed budget 5 x 6 = 30 traces cannot be met") as info:
-        experiment.run_experiment(cfg, show_progress=False, jobs=2)
+        experiment.run_experiment(cfg, show_progress=True, jobs=2)  # the driver's one bar too
     assert not isinstance(info.value, BrokenProcessPool)
     stages = cfg.run_dir / "stages"
     # what ran beside the failure finished whole, or did not start; nothing half-written

@@ -251,6 +251,12 @@ def _decide_auto_dtypes(cfg: Config) -> None:
         log.warning("dtype auto not decided before the workers start: %s", exc)
 
 
+def _arm_record(chain: Chain) -> dict[str, Any]:
+    """``<run>/arms/<arm>.json``: the arm's stage directories (each reused or run by this arm) and
+    ``wall_s``, seconds from the experiment's start until the arm's last stage finished."""
+    return {"arm": chain.label, "stages": chain.stages, "wall_s": chain.wall_s}
+
+
 def run_experiment(
     cfg: Config,
     *,
@@ -279,8 +285,7 @@ def run_experiment(
 
     def arm_done(chain: Chain) -> None:
         if chain.label != BASE_CHAIN:
-            record = {"arm": chain.label, "stages": chain.stages, "wall_s": chain.wall_s}
-            write_json_atomic(cfg.run_dir / "arms" / f"{chain.label}.json", record)
+            write_json_atomic(cfg.run_dir / "arms" / f"{chain.label}.json", _arm_record(chain))
 
     launcher = _launcher(cfg, jobs, overwrite, show_progress, stage_runner)
     scheduler = Scheduler(
@@ -291,7 +296,7 @@ def run_experiment(
     finally:
         launcher.close()
     base = chains[0].done
-    arms = {c.label: {"arm": c.label, "stages": c.stages, "wall_s": c.wall_s} for c in chains[1:]}
+    arms = {c.label: _arm_record(c) for c in chains[1:]}
     html, summary = write_experiment_report(cfg, base, arms)
     result = {
         "executed": scheduler.executed,
