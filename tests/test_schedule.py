@@ -295,3 +295,20 @@ def test_dtype_auto_is_decided_before_the_workers_start(monkeypatch, tmp_path):
     fixed += ["evaluate.backend.dtype=float32", "analyze.judge_backend.dtype=float32"]
     experiment._decide_auto_dtypes(load_config(None, [f"model.name={tmp_path}", *fixed]))
     assert calls == []
+
+
+def test_the_fake_back_end_reads_its_answers_from_the_named_file(tmp_path, monkeypatch):
+    from manyways.backends.config import BackendConfig, make_backend
+
+    monkeypatch.delenv("MANYWAYS_FAKE_ANSWERS", raising=False)
+    assert make_backend(BackendConfig(kind="fake"), "m").answers == {}
+    good = tmp_path / "answers.json"
+    good.write_text(json.dumps({"What is 2+3?": "5"}))
+    monkeypatch.setenv("MANYWAYS_FAKE_ANSWERS", str(good))
+    assert make_backend(BackendConfig(kind="fake"), "m").answers == {"What is 2+3?": "5"}
+    bad = tmp_path / "bad.json"
+    for text, why in (("{not json", "cannot read a JSON object"), ('{"q": 5}', "expected a JSON object")):
+        bad.write_text(text)
+        monkeypatch.setenv("MANYWAYS_FAKE_ANSWERS", str(bad))
+        with pytest.raises(ValueError, match=f"MANYWAYS_FAKE_ANSWERS={bad}: {why}"):
+            make_backend(BackendConfig(kind="fake"), "m")
