@@ -295,3 +295,95 @@ def test_decode_paths_agree_and_restore_model_attention(backend: HFBackend) -> N
     backend.decode_attention = False
     plain = backend.generate(requests)
     assert [[s.text for s in r] for r in fast] == [[s.text for s in r] for r in plain]
+
+
+def _refill_requests() -> list[GenRequest]:
+    """Prompts of both prefixes and different lengths; different budgets, so rows finish apart."""
+    requests = [
+        GenRequest(
+            f"s{i}", _msgs(p, q), seeds=(3 + i, 40 + i), max_new_tokens=6 + 5 * (i % 3), temperature=1.0
+        )
+        for i, (p, q) in enumerate((p, q) for p in (PREFIX_A, PREFIX_B) for q in QUESTIONS)
+    ]
+    requests.append(
+        GenRequest("g", _msgs(PREFIX_B, QUESTIONS[2]), seeds=(0,), max_new_tokens=14, temperature=0.0)
+    )
+    requests.append(
+        GenRequest("p", _msgs(PREFIX_A, QUESTIONS[1]), seeds=(7, 8, 9), max_new_tokens=10, top_p=0.8)
+    )
+    return requests
+
+
+def test_refill_keeps_every_sample_and_the_batch_wide(model_and_tokenizer) -> None:
+    """Several batches decoded as one stream (rows joining as others finish) give exactly the
+    samples of decoding each planned batch down on its own, and of each request alone; the row
+    budget holds at every step and rows really joined a batch in flight."""
+    model, tokenizer = model_and_tokenizer
+    requests = _refill_requests()
+    streamed = HFBackend(model, tokenizer, model_id="tiny", batch_size=5)
+    batchwise = HFBackend(model, tokenizer, model_id="tiny", batch_size=5, refill=False)
+    widths: list[int] = []
+    joins: list[int] = []
+    forward, merge = streamed._forward, streamed._merge
+
+    def counting_forward(ids, *args):
+        if ids.shape[1] == 1:  # a decode step
+            widths.append(len(streamed.live_rows))
+        return forward(ids, *args)
+
+    def counting_merge(caches, masks, *, trim):
+        if trim:  # rows joining rows in flight
+            joins.append(masks[1].shape[0])
+        return merge(caches, masks, trim=trim)
+
+    streamed._forward, streamed._merge = counting_forward, counting_merge
+    out = streamed.generate(requests)
+    texts = [[s.text for s in r] for r in out]
+    assert texts == [[s.text for s in r] for r in batchwise.generate(requests)]
+    alone = HFBackend(model, tokenizer, model_id="tiny", batch_size=32)
+    assert texts == [[s.text for s in alone.generate([r])[0]] for r in requests]
+    assert [len(r) for r in texts] == [r.n for r in requests]
+    assert out[-2][0].text == _greedy_reference(alone, requests[-2].messages, 14)
+    assert joins and max(widths) <= 5
+    assert streamed.stats.decode_tokens == sum(s.completion_tokens for r in out for s in r)
+    # fewer, wider steps than batch by batch
+    assert len(widths) < streamed.stats.decode_tokens / 2
+
+
+def test_refill_is_off_for_one_batch_and_declared_prefixes(backend: HFBackend) -> None:
+    requests = _refill_requests()
+    units = [0] * 3
+    assert not backend._refills(units, [[0, 1, 2]])
+    assert backend.refill and backend._mergeable
+    tokens = [backend.encode(r.messages) for r in requests]
+    batches = plan_batches(tokens, [r.n for r in requests], 5)
+    assert len(batches) > 1
+    from manyways.backends.hf import _Unit
+
+    plain = [_Unit(i, r, r.seeds, t) for i, (r, t) in enumerate(zip(requests, tokens, strict=True))]
+    assert backend._refills(plain, batches)
+    declared = [*plain[:-1], _Unit(0, requests[-1], requests[-1].seeds, tokens[-1], declared=4)]
+    assert not backend._refills(declared, batches)
+
+
+def test_merge_drops_columns_padded_in_every_row() -> None:
+    from transformers import LlamaConfig
+
+    from manyways.backends.kv_cache import make_cache, merge_left_padded
+
+    config = LlamaConfig(
+        hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1, vocab_size=16
+    )
+    a, b = make_cache(config), make_cache(config)
+    ka, va = torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)  # 6 positions, the first 2 padding
+    kb, vb = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    a.layers[0].update(ka, va)
+    b.layers[0].update(kb, vb)
+    merged = merge_left_padded([a, b], config, [2, 0])
+    layer = merged.layers[0]
+    assert layer.length == 4
+    assert torch.equal(layer.keys[:2], ka[:, :, 2:]) and torch.equal(layer.values[:2], va[:, :, 2:])
+    assert torch.equal(layer.keys[2:, :, 1:], kb) and torch.equal(layer.values[2:, :, 1:], vb)
+    assert not layer.keys[2:, :, :1].any()
+    layer.update(torch.ones(3, 1, 1, 4), torch.ones(3, 1, 1, 4))  # appends after the merge
+    assert layer.length == 5 and torch.equal(layer.keys[:2, :, :4], ka[:, :, 2:])
