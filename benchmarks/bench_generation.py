@@ -154,60 +154,36 @@ def backend_generate(
 
 def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any]:
     """``backend.generate(requests)``; decode time measured around ``_decode``, and the rows of
-    every decode-step forward recorded (``steps``: :class:`bounds.StepRows`) for the bound. The
-    prefills of rows that join a decode in flight (refill) are not decode: their time is taken out
-    of the decode time and of the step they follow."""
+    every decode-step forward recorded (``steps``: :class:`bounds.StepRows`) for the bound."""
     clock = {"decode_s": 0.0}
     steps: list[StepRows] = []
     stamps: list[float] = []  # when each decode-step forward started
-    refills: list[float] = []  # prefill time inside the decode after each stamp
     step_s: list[float] = []  # each step's time: its forward and the next token's selection
-    state = {"decoding": False, "prefilling": False}
+    live: list[Any] = []  # the rows of the decode in progress (empty during prefill)
     cascaded: list[bool] = []  # whether each decode step ran on a shared-prefix (cascade) cache
     inner_decode = HFBackend._decode.__get__(backend)
     inner_forward = HFBackend._forward.__get__(backend)
-    inner_prefill = HFBackend._prefill_units.__get__(backend)
 
-    def decode(rows: list[Any], *args: Any, **kwargs: Any) -> None:
-        state["decoding"] = True
+    def decode(rows: list[Any], *args: Any) -> None:
+        live[:] = rows
         stamps.clear()
-        refills.clear()
         t0 = time.perf_counter()
         try:
-            inner_decode(rows, *args, **kwargs)
+            inner_decode(rows, *args)
         finally:
             end = time.perf_counter()
-            joined = sum(refills) + clock.pop("refill_before_first_step", 0.0)
-            clock["decode_s"] += end - t0 - joined
+            clock["decode_s"] += end - t0
             # a decode that ends before any forward (1 new token: figure 2) records no step
-            ends = [*stamps[1:], end][: len(stamps)]
-            step_s.extend(b - a - r for a, b, r in zip(stamps, ends, refills, strict=True))
-            state["decoding"] = False
-
-    def prefill(*args: Any, **kwargs: Any) -> Any:
-        if not state["decoding"]:
-            return inner_prefill(*args, **kwargs)
-        state["prefilling"] = True
-        t0 = time.perf_counter()
-        try:
-            return inner_prefill(*args, **kwargs)
-        finally:
-            state["prefilling"] = False
-            spent = time.perf_counter() - t0
-            if refills:
-                refills[-1] += spent
-            else:
-                clock["refill_before_first_step"] = clock.get("refill_before_first_step", 0.0) + spent
+            step_s.extend(b - a for a, b in zip(stamps, [*stamps[1:], end][: len(stamps)], strict=True))
+            live.clear()
 
     def forward(ids: torch.Tensor, *args: Any) -> torch.Tensor:
-        if state["decoding"] and not state["prefilling"]:  # a decode step: the rows being decoded
-            steps.append(step_rows(backend.live_rows))
+        if live:
+            steps.append(step_rows(live))
             stamps.append(time.perf_counter())
-            refills.append(0.0)
             cascaded.append(isinstance(args[-1], CascadeCache))
         return inner_forward(ids, *args)
 
-    backend._prefill_units = prefill  # type: ignore[method-assign]
     backend._decode = decode  # type: ignore[method-assign]
     backend._forward = forward  # type: ignore[method-assign]
     before = (backend.stats.decode_tokens, backend.stats.prefill_tokens_computed)
@@ -215,7 +191,7 @@ def backend_run(backend: HFBackend, requests: list[GenRequest]) -> dict[str, Any
     try:
         wall, results = timed(lambda: backend.generate(requests))
     finally:
-        del backend._decode, backend._forward, backend._prefill_units
+        del backend._decode, backend._forward
     samples_out = [s for r in results for s in r]
     return {
         "wall_s": wall,

@@ -50,12 +50,6 @@ class BackendConfig(BaseModel):
         description="hf: keep one copy of a prompt's KV for all its samples and attend to it once per "
         "decode step (shared-prefix / cascade attention).",
     )
-    refill: bool = Field(
-        True,
-        description="hf: when a call holds more than one batch of rows, decode them as one stream: "
-        "new prompts join once half the batch's rows have finished, instead of each batch decoding "
-        "down to its last long row. Samples are the same either way.",
-    )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: server root including /v1.")
     api_key_env: str | None = Field(
         None, description="openai: name of the environment variable holding the API key."

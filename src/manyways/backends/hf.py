@@ -36,8 +36,7 @@ generation at the model's shapes, measured once per machine (:mod:`manyways.dtyp
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,13 +76,6 @@ logger = logging.getLogger(__name__)
 # samples x 143 tokens: 1K saved) decodes faster replicated, its 1.1K prompt (7.8K) and the demo's
 # generate batch (20 prompts x 4 samples x ~220 tokens: 13K) with the cascade.
 CASCADE_MIN_SAVED = 2048
-
-# Decode with refill (more than one planned batch): new rows join once at most this share of
-# batch_size rows are still decoding. Half keeps refills rare (each copies the cache in flight
-# once) while the batch stays wide; on the demo's generate stage rows finish after ~35 tokens but
-# a few run to the 160-token limit, and decoding each batch down alone spent 68% of decode time in
-# that narrow tail (BENCHMARKS.md, figure 3b).
-REFILL_FRACTION = 0.5
 
 
 @dataclass
@@ -138,7 +130,6 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         kv_dtype: torch.dtype | None = None,
         decode_attention: bool = True,
         cascade: bool = True,
-        refill: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -151,8 +142,6 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         self.cascade = cascade  # shared-prefix decode attention (manyways.backends.cascade)
         self.prefill_rows = PREFILL_ROWS  # remainders prefilled together on a declared prefix
         self.cascade_min_saved = CASCADE_MIN_SAVED  # see _use_cascade
-        self.refill = refill  # one decode stream over several batches (_generate_refilling)
-        self.live_rows: list[_Row] = []
         self._store_dtype: torch.dtype | None = None  # kv_dtype while decode_attention is on
         self.stats = BackendStats()
         self.eos_ids = self._eos_ids()
@@ -181,7 +170,6 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
             batch_size=cfg.batch_size,
             prefix_sharing=cfg.prefix_sharing,
             cascade=cfg.cascade_attention,
-            refill=cfg.refill,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -211,63 +199,13 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
                 seeds = request.seeds[start : start + self.batch_size]
                 units.append(_Unit(index, request, seeds, tokens, declared))
         results: list[list[GenSample]] = [[] for _ in requests]
-        for unit, samples in zip(units, self._run_units(units, progress), strict=True):
-            results[unit.request_index].extend(samples)
-        return results
-
-    def _run_units(self, units: list[_Unit], progress: ProgressCallback | None) -> list[list[Any]]:
-        """The samples of every unit (aligned with ``units``): the planned batches one after the
-        other, or, when there are several and their caches can merge, decoded with refill
-        (:meth:`_generate_refilling`)."""
         batches = plan_batches([u.tokens for u in units], [len(u.seeds) for u in units], self.batch_size)
-        out: list[list[Any]] = [[] for _ in units]
         with torch.inference_mode(), self._attention():
-            if self._refills(units, batches):
-                order = [i for batch in batches for i in batch]
-                refilled = self._generate_refilling([units[i] for i in order], progress)
-                for i, samples in zip(order, refilled, strict=True):
-                    out[i] = samples
-                return out
             for batch in batches:
                 chosen = [units[i] for i in batch]
-                for i, samples in zip(batch, self._generate_batch(chosen, progress), strict=True):
-                    out[i] = samples
-        return out
-
-    def _refills(self, units: list[_Unit], batches: list[list[int]]) -> bool:
-        """Decode with refill: asked for, more than one batch, caches that merge (every layer a
-        GrowingLayer) and no declared shared prefix (those batches take the prefix store's path)."""
-        return self.refill and len(batches) > 1 and self._mergeable and not any(u.declared for u in units)
-
-    def _generate_refilling(self, queue: list[_Unit], progress: ProgressCallback | None) -> list[list[Any]]:
-        """Samples of ``queue``'s units (in its order), decoded as one stream: whenever at most
-        :data:`REFILL_FRACTION` of the batch's rows are still decoding, the next units that fit are
-        prefilled and join the rows in flight (their caches merged left-padded, columns that are
-        padding in every row dropped), so the batch stays wide instead of decoding each planned
-        batch down to its last long row. Every row keeps its own generator: its sample is the one
-        the batch-by-batch path draws (tested)."""
-        pending = deque(range(len(queue)))
-        rows_of: list[list[_Row]] = [[] for _ in queue]
-
-        def refill(room: int) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-            chosen: list[int] = []
-            while pending and len(queue[pending[0]].seeds) <= room:
-                room -= len(queue[pending[0]].seeds)
-                chosen.append(pending.popleft())
-            if not chosen:
-                return None
-            units = [queue[i] for i in chosen]
-            max_len = max(len(u.tokens) for u in units) + max(u.request.max_new_tokens for u in units)
-            cache, logits, mask, positions = self._prefill_units(units, max_len)
-            rows, unit_of_row = self._rows(units)
-            for row, k in zip(rows, unit_of_row, strict=True):
-                rows_of[chosen[k]].append(row)
-            index = torch.tensor(unit_of_row, device=self.device)
-            cache.batch_select_indices(index)
-            return rows, cache, logits[index], mask[index], positions[index]
-
-        self._decode([], None, None, None, None, progress, refill=refill)
-        return [[self._to_sample(row) for row in rows] for rows in rows_of]
+                for unit, samples in zip(chosen, self._generate_batch(chosen, progress), strict=True):
+                    results[unit.request_index].extend(samples)
+        return results
 
     @contextmanager
     def _attention(self) -> Iterator[None]:
@@ -296,7 +234,16 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         if len(groups) > 1 and not self._mergeable:
             # a layer kind whose cache cannot be merged: decode each prefix group on its own
             return [out for g in groups for out in self._generate_batch([units[i] for i in g], progress)]
-        cache, logits, mask, positions = self._prefill_units(units, max_len)
+        if len(groups) > 1:
+            caches, group_logits, masks, group_positions = zip(
+                *(self._prefill([token_lists[i] for i in g], max_len) for g in groups), strict=True
+            )
+            width = max(m.shape[1] for m in masks)
+            cache = merge_left_padded(list(caches), self.model.config)
+            logits, positions = torch.cat(group_logits), torch.cat(group_positions)
+            mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
+        else:
+            cache, logits, mask, positions = self._prefill(token_lists, max_len)
         rows, unit_of_row = self._rows(units)
         index = torch.tensor(unit_of_row, device=self.device)
         saved = sum((len(u.seeds) - 1) * len(u.tokens) for u in units)
@@ -362,36 +309,6 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         )
         return out.logits[:, -1, :]
 
-    def _prefill_units(
-        self, units: list[_Unit], max_len: int
-    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_prefill` of each prefix group of ``units`` (:func:`prefix_groups`), the groups'
-        caches merged left-padded: one row per unit (the caches must merge when there are several
-        groups)."""
-        token_lists = [u.tokens for u in units]
-        groups = prefix_groups(token_lists) if self.prefix_sharing else [range(len(units))]
-        if len(groups) == 1:
-            return self._prefill(token_lists, max_len)
-        caches, group_logits, masks, group_positions = zip(
-            *(self._prefill([token_lists[i] for i in g], max_len) for g in groups), strict=True
-        )
-        cache, mask = self._merge(list(caches), list(masks), trim=False)
-        return cache, torch.cat(group_logits), mask, torch.cat(group_positions)
-
-    def _merge(self, caches: list[Any], masks: list[torch.Tensor], *, trim: bool) -> tuple[Any, torch.Tensor]:
-        """Rows of ``caches`` in one left-padded cache and their masks likewise; with ``trim``,
-        the leading columns that are padding in all of a part's rows are dropped first."""
-        starts = [int(m.any(dim=0).int().argmax()) if trim else 0 for m in masks]
-        cache = merge_left_padded(caches, self.model.config, starts)
-        width = max(m.shape[1] - s for m, s in zip(masks, starts, strict=True))
-        mask = torch.cat(
-            [
-                torch.nn.functional.pad(m[:, s:], (width - (m.shape[1] - s), 0))
-                for m, s in zip(masks, starts, strict=True)
-            ]
-        )
-        return cache, mask
-
     def _prefill(
         self, token_lists: list[list[int]], max_len: int
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -420,59 +337,37 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         self,
         rows: list[_Row],
         cache: Any,
-        logits: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        positions: torch.Tensor | None,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
         progress: ProgressCallback | None,
-        refill: Callable[[int], tuple[list[_Row], Any, torch.Tensor, torch.Tensor, torch.Tensor] | None]
-        | None = None,
     ) -> None:
-        """Decode ``rows`` (their prefilled cache, next-token logits, mask and next positions) until
-        each is finished; finished rows leave the batch. ``refill(room)``, when given, is asked for
-        new rows (prefilled, with their cache, logits, mask and positions) whenever at most
-        :data:`REFILL_FRACTION` of ``batch_size`` rows are decoding; they join the batch."""
-        active = list(rows)
-        self.live_rows = active  # the rows of the step in progress (for instrumentation)
-        while True:
-            if refill is not None and len(active) <= self.batch_size * REFILL_FRACTION:
-                new = refill(self.batch_size - len(active))
-                if new is not None:
-                    new_rows, new_cache, new_logits, new_mask, new_positions = new
-                    if active:
-                        assert logits is not None and mask is not None and positions is not None
-                        cache, mask = self._merge([cache, new_cache], [mask, new_mask], trim=True)
-                        logits = torch.cat([logits, new_logits])
-                        positions = torch.cat([positions, new_positions])
-                    else:
-                        cache, logits, mask, positions = new_cache, new_logits, new_mask, new_positions
-                    active.extend(new_rows)
-            if not active:
-                return
-            assert logits is not None and mask is not None and positions is not None
-            if any(r.matcher is not None for r in active):
-                self._constraint().mask_(logits, [r.matcher for r in active])
+        active = list(range(len(rows)))
+        while active:
+            chosen = [rows[r] for r in active]
+            if any(r.matcher is not None for r in chosen):
+                self._constraint().mask_(logits, [r.matcher for r in chosen])
             tokens = select_tokens(
                 logits,
-                [r.request.temperature for r in active],
-                [r.request.top_p for r in active],
-                [r.generator for r in active],
+                [r.request.temperature for r in chosen],
+                [r.request.top_p for r in chosen],
+                [r.generator for r in chosen],
             )
             keep = [
                 k
-                for k, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True))
+                for k, (row, tok) in enumerate(zip(chosen, tokens.tolist(), strict=True))
                 if not self._push(row, tok)
             ]
             self.stats.decode_tokens += len(active)
             if progress is not None:
                 progress(len(active) - len(keep), len(active))
             if not keep:
-                active.clear()
-                continue
+                return
             if len(keep) < len(active):
                 keep_index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(keep_index)
                 mask, positions, tokens = mask[keep_index], positions[keep_index], tokens[keep_index]
-                active[:] = [active[k] for k in keep]
+                active = [active[k] for k in keep]
             mask = torch.cat(
                 [mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1
             )

@@ -144,25 +144,19 @@ def all_growing(config: Any) -> bool:
     return all(type(layer) is GrowingLayer for layer in make_cache(config).layers)
 
 
-def merge_left_padded(
-    parts: list[DynamicCache], config: Any, starts: list[int] | None = None
-) -> DynamicCache:
+def merge_left_padded(parts: list[DynamicCache], config: Any) -> DynamicCache:
     """One cache holding the rows of ``parts`` (in order), each part's filled positions
     right-aligned to the longest part's length and zeros before them, so the rows decode together
-    under left-padding masks. ``starts`` (default 0 each): positions to drop from the front of each
-    part (columns that are padding in all its rows). Every layer must be a :class:`GrowingLayer` (:func:`all_growing`)."""
+    under left-padding masks. Every layer must be a :class:`GrowingLayer` (:func:`all_growing`)."""
     if not all(type(layer) is GrowingLayer for cache in parts for layer in cache.layers):
         raise TypeError("merge_left_padded needs GrowingLayer caches (see all_growing)")
-    starts = starts or [0] * len(parts)
     first = parts[0].layers
     merged = make_cache(config, store_dtype=first[0].store_dtype, max_len=first[0].max_len)
     for index, layer in enumerate(merged.layers):
         assert isinstance(layer, GrowingLayer)
         pieces = [cache.layers[index] for cache in parts]
-        length = max(piece.length - start for piece, start in zip(pieces, starts, strict=True))
-        capacity = max(
-            length, max(piece._capacity() - start for piece, start in zip(pieces, starts, strict=True))
-        )
+        length = max(piece.length for piece in pieces)
+        capacity = max(length, max(piece._capacity() for piece in pieces))
         template = pieces[0]
         assert template._kt is not None and template._v is not None
         rows = sum(piece.keys.shape[0] for piece in pieces)
@@ -170,10 +164,10 @@ def merge_left_padded(
         kt = template._kt.new_zeros((rows, heads, k_dim, capacity))
         v = template._v.new_zeros((rows, heads, capacity, template._v.shape[-1]))
         row = 0
-        for piece, start in zip(pieces, starts, strict=True):
-            n, pad = piece.keys.shape[0], length - (piece.length - start)
-            kt[row : row + n, ..., pad:length].copy_(piece.keys[:, :, start:].transpose(-1, -2))
-            v[row : row + n, :, pad:length].copy_(piece.values[:, :, start:])
+        for piece in pieces:
+            n, pad = piece.keys.shape[0], length - piece.length
+            kt[row : row + n, ..., pad:length].copy_(piece.keys.transpose(-1, -2))
+            v[row : row + n, :, pad:length].copy_(piece.values)
             row += n
         layer.lazy_initialization(template.keys, template.values)
         layer.length = length

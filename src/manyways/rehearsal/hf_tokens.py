@@ -12,8 +12,11 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from manyways.backends.hf import HFBackend, _Row, _Unit
 from manyways.backends.protocol import GenRequest
+from manyways.backends.sampling import plan_batches
 
 
 class TokenBackend(HFBackend):
@@ -30,7 +33,14 @@ class TokenBackend(HFBackend):
                 f"r{k}", [], (int(seed),), max(1, limit), p.temperature, p.top_p, tuple(p.stop or ())
             )
             units.append(_Unit(k, request, request.seeds, list(ids)))
-        return [samples[0] for samples in self._run_units(units, None)]
+        results: list[Any] = [None] * len(units)
+        batches = plan_batches([u.tokens for u in units], [1] * len(units), self.batch_size)
+        with torch.inference_mode(), self._attention():
+            for batch in batches:
+                chosen = [units[i] for i in batch]
+                for unit, samples in zip(chosen, self._generate_batch(chosen, None), strict=True):
+                    results[unit.request_index] = samples[0]
+        return results
 
     def _to_sample(self, row: _Row) -> Any:  # type: ignore[override]
         sample = super()._to_sample(row)
