@@ -265,3 +265,35 @@ def test_too_few_prompts_fail_before_any_model_is_loaded(
     problems = [Problem(f"p{i}", "gym", "What is 1 + 1?", "2") for i in range(7)]
     with pytest.raises(TrainingDataError, match="7 problems make no optimizer step: one step takes 8"):
         rl.build_trainer(cfg, tmp_path / "rl", str(tiny_model_dir), problems)
+
+
+def test_no_checkpoint_at_the_last_step_unless_checkpoints_are_kept(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints are deleted once the model is saved, so the last step writes none; with
+    keep_checkpoints_when_done it does (and every step's checkpoint is still written before)."""
+    import manyways.verify.registry as registry
+    from manyways.stages import rl
+    from manyways.training import CheckpointMarkerCallback
+
+    monkeypatch.setattr(registry, "verify_many", fake_verify_many)
+    saved: list[int] = []
+    on_save = CheckpointMarkerCallback.on_save
+
+    def spy(self, args, state, control, **kw):
+        saved.append(state.global_step)
+        return on_save(self, args, state, control, **kw)
+
+    monkeypatch.setattr(CheckpointMarkerCallback, "on_save", spy)
+    cfg = rl_cfg(tmp_path, tiny_model_dir, 4, "rl.max_steps=3")
+    manifest = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
+    assert saved == [1, 2] and manifest["counts"]["global_step"] == 3
+    assert not (cfg.run_dir / "rl" / "checkpoints").exists()
+    assert (cfg.run_dir / "rl" / "model" / "model.safetensors").is_file()
+    saved.clear()
+    (tmp_path / "kept").mkdir()
+    kept = rl_cfg(
+        tmp_path / "kept", tiny_model_dir, 4, "rl.max_steps=3", "rl.keep_checkpoints_when_done=true"
+    )
+    rl.run(kept, kept.run_dir / "rl", show_progress=False)
+    assert saved == [1, 2, 3]

@@ -200,7 +200,8 @@ class MidtrainSection(Section):
     keep_checkpoints_when_done: bool = Field(
         False,
         description="Keep checkpoints after the model is saved (they exist for resume; each holds "
-        "weights and optimizer state, ~1.6 GB for a 135M model).",
+        "weights and optimizer state, ~1.6 GB for a 135M model). When false, the last step writes "
+        "no checkpoint (it would be deleted right after the model is saved).",
     )
     log_samples: bool = Field(
         True, description="Write samples.jsonl: the example ids each optimizer step consumed."
@@ -256,7 +257,8 @@ class RLSection(Section):
     keep_checkpoints_when_done: bool = Field(
         False,
         description="Keep checkpoints after the model is saved (they exist for resume; each holds "
-        "weights and optimizer state, ~1.6 GB for a 135M model).",
+        "weights and optimizer state, ~1.6 GB for a 135M model). When false, the last step writes "
+        "no checkpoint (it would be deleted right after the model is saved).",
     )
     use_vllm: bool = Field(False, description="Generate rollouts with vLLM (GPU only).")
     vllm_mode: Literal["colocate", "server"] = Field(

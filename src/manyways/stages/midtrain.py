@@ -190,7 +190,9 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=lora_config(cfg.midtrain.lora),
         callbacks=[
-            CheckpointMarkerCallback(cfg.midtrain.keep_checkpoints),
+            CheckpointMarkerCallback(
+                cfg.midtrain.keep_checkpoints, final=cfg.midtrain.keep_checkpoints_when_done
+            ),
             MetricsCallback(out_dir.parent, STAGE),
             MasterWeightsCallback(),
         ],

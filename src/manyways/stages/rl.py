@@ -205,7 +205,11 @@ def build_trainer(
         train_dataset=prompt_dataset(problems),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.rl.lora),
-        callbacks=[CheckpointMarkerCallback(cfg.rl.keep_checkpoints), metrics, MasterWeightsCallback()],
+        callbacks=[
+            CheckpointMarkerCallback(cfg.rl.keep_checkpoints, final=cfg.rl.keep_checkpoints_when_done),
+            metrics,
+            MasterWeightsCallback(),
+        ],
     )
     cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
     from manyways.loss_head import use_loss_head  # issue 16: completion positions only, bf16 head
