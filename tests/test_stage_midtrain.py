@@ -101,7 +101,7 @@ def test_loss_mask_covers_only_the_assistant_turn(tmp_path: Path, tiny_model_dir
     from manyways.models import load_tokenizer
     from manyways.stages import midtrain
 
-    cfg = tiny_cfg(tmp_path, tiny_model_dir)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "midtrain.padding_free=false")  # rows, not one sequence
     examples, _ = midtrain.to_prompt_completion([sft_row(3), sft_row(7)])
     tok = load_tokenizer(str(tiny_model_dir))
     trainer = midtrain.build_trainer(cfg, tmp_path / "mt", examples, tok)
@@ -203,7 +203,10 @@ def test_one_length_setting_drops_and_counts(
     )
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "midtrain.max_length=128", "midtrain.max_steps=1")
     assert cfg.midtrain.length_limit == 128
-    assert midtrain.sft_args(cfg, tmp_path / "args").max_length == 128
+    padded = tiny_cfg(tmp_path, tiny_model_dir, "midtrain.max_length=128", "midtrain.padding_free=false")
+    assert midtrain.sft_args(padded, tmp_path / "args").max_length == 128
+    # padding-free never truncates (TRL refuses a max_length with it): the drop below is the limit
+    assert midtrain.sft_args(cfg, tmp_path / "args").max_length is None
     select = make_select_dir(cfg.run_dir, [long_row, sft_row(1), {**sft_row(2), "messages": []}])
     with caplog.at_level("WARNING", logger="manyways.stages.midtrain"):
         manifest = midtrain.run(cfg, cfg.run_dir / "midtrain", inputs={"select": select}, show_progress=False)
@@ -234,3 +237,54 @@ def test_the_fingerprint_holds_the_length_in_force() -> None:
     assert default["midtrain"]["max_length"] == 1024  # as before max_length became optional
     explicit = midtrain.stage_config(load_config(None, ["midtrain.max_length=2048"]))
     assert explicit["midtrain"]["max_length"] == 2048
+
+
+def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Examples of different lengths as one flattened sequence (no padding computed): the same loss
+    and the same gradients as the padded batch, with the loss head in use."""
+    from manyways.models import load_tokenizer
+    from manyways.stages import midtrain
+
+    rows = [sft_row(3), sft_row(12345), sft_row(7), sft_row(987654321)]
+    rows[1]["messages"][-1]["content"] += " Check: the sum of the two equal terms is even." * 3
+    examples, _ = midtrain.to_prompt_completion(rows)
+    tok = load_tokenizer(str(tiny_model_dir))
+    results = {}
+    for free in (True, False):
+        cfg = tiny_cfg(tmp_path, tiny_model_dir, f"midtrain.padding_free={str(free).lower()}")
+        trainer = midtrain.build_trainer(cfg, tmp_path / f"mt{free}", examples, tok)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(4)]
+        if free:
+            assert batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in batch
+        else:
+            assert batch["input_ids"].shape == (4, max(lengths)) and len(set(lengths)) > 1
+        model = trainer.model
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[free] = (loss.item(), grads, (batch["labels"] != -100).sum().item())
+    (loss_free, grads_free, labelled_free), (loss_pad, grads_pad, labelled_pad) = (
+        results[True],
+        results[False],
+    )
+    assert labelled_free == labelled_pad
+    assert loss_free == pytest.approx(loss_pad, rel=1e-5)
+    assert grads_free.keys() == grads_pad.keys()
+    for name, grad in grads_pad.items():
+        scale = grad.abs().max().item() + 1e-12
+        assert (grads_free[name] - grad).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_padding_free_refuses_a_tokenized_example_over_the_limit() -> None:
+    from manyways.stages import midtrain
+
+    midtrain.check_tokenized_lengths({"input_ids": [[1] * 10, [1] * 15]}, 15)
+    with pytest.raises(
+        TrainingDataError,
+        match=r"1 tokenized examples exceed midtrain.max_length=15 \(first: example 1, 20 tokens",
+    ):
+        midtrain.check_tokenized_lengths({"input_ids": [[1] * 10, [1] * 20, [1] * 5]}, 15)

@@ -211,6 +211,13 @@ class MidtrainSection(Section):
         description="LM head of the loss: completion = log-probs at the labelled positions only, bf16 "
         "matmuls, fp32 log-softmax (manyways.loss_head); trl = TRL's fused head; auto = completion on CPU.",
     )
+    padding_free: bool = Field(
+        True,
+        description="Each micro-batch's examples run as one flattened sequence (TRL's padding_free: "
+        "position ids restart per example, attention stays within each example), so no padding is "
+        "computed; the loss and gradients are those of the padded batch (tested). The length limit "
+        "is enforced by max_length's check.",
+    )
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.SFTConfig untouched, over our defaults."
     )

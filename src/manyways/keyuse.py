@@ -50,6 +50,7 @@ TRL_SPELLING: dict[str, dict[str, str]] = {
         "grad_accum": "gradient_accumulation_steps",
         "max_length": "max_length",
         "save_steps": "save_steps",
+        "padding_free": "padding_free",
     },
     "rl": {
         "num_generations": "num_generations",

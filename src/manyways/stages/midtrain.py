@@ -142,6 +142,20 @@ def check_examples(
     return kept, tokens
 
 
+def check_tokenized_lengths(dataset: Any, limit: int) -> None:
+    """Padding-free training does not truncate: every example as TRL tokenized it must fit the
+    limit (:func:`check_examples` counts tokens with the chat template; this is the trainer's own
+    count, so a difference between the two cannot silently train on a longer example)."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if over:
+        raise TrainingDataError(
+            f"midtrain: {len(over)} tokenized examples exceed midtrain.max_length={limit} "
+            f"(first: example {over[0]}, {lengths[over[0]]} tokens); lower the data's length or set "
+            "midtrain.padding_free: false (then TRL truncates them)"
+        )
+
+
 def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
     """``trl.SFTConfig``: our defaults, then ``cfg.midtrain.trl`` on top (renamed arguments spelled for
     the installed transformers: :func:`manyways.training.trainer_kwargs`)."""
@@ -155,7 +169,10 @@ def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
         "learning_rate": m.learning_rate,
         "per_device_train_batch_size": m.batch_size,
         "gradient_accumulation_steps": m.grad_accum,
-        "max_length": m.length_limit,
+        # padding-free does not truncate (TRL refuses max_length with it): check_examples has
+        # dropped the examples over the limit, and build_trainer checks the tokenized ones
+        "max_length": None if m.padding_free else m.length_limit,
+        "padding_free": m.padding_free,
         "completion_only_loss": True,
         "save_strategy": "steps",
         "save_steps": m.save_steps,
@@ -198,6 +215,8 @@ def build_trainer(
         ],
     )
     quiet_trainer(trainer)
+    if cfg.midtrain.padding_free:
+        check_tokenized_lengths(trainer.train_dataset, cfg.midtrain.length_limit)
     from manyways.loss_head import use_loss_head  # issue 16: labelled positions only, bf16 head
 
     use_loss_head(trainer, cfg.midtrain.loss_head)
