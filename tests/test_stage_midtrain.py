@@ -280,11 +280,16 @@ def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients(
 
 
 def test_padding_free_refuses_a_tokenized_example_over_the_limit() -> None:
+    from datasets import Dataset
+
     from manyways.stages import midtrain
 
-    midtrain.check_tokenized_lengths({"input_ids": [[1] * 10, [1] * 15]}, 15)
+    midtrain.check_tokenized_lengths(Dataset.from_dict({"input_ids": [[1] * 10, [1] * 15]}), 15)
+    # the rows TRL kept (a filtered dataset: its index mapping, not the rows it dropped)
+    data = Dataset.from_dict({"input_ids": [[1] * 30, [1] * 10, [1] * 20, [1] * 5]})
+    kept = data.filter(lambda row: len(row["input_ids"]) != 30)
     with pytest.raises(
         TrainingDataError,
         match=r"1 tokenized examples exceed midtrain.max_length=15 \(first: example 1, 20 tokens",
     ):
-        midtrain.check_tokenized_lengths({"input_ids": [[1] * 10, [1] * 20, [1] * 5]}, 15)
+        midtrain.check_tokenized_lengths(kept, 15)
