@@ -24,7 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "override",
-    ["rl.trl.num_generations=8", "midtrain.trl.max_length=4096", "midtrain.trl.num_train_epochs=2"],
+    [
+        "rl.trl.num_generations=8",
+        "midtrain.trl.max_length=4096",
+        "midtrain.trl.num_train_epochs=2",
+        "midtrain.trl.padding_free=false",
+    ],
 )
 def test_a_trl_key_that_duplicates_a_typed_key_is_an_error(override):
     with pytest.raises(ConfigError, match=r"duplicates (rl|midtrain)\.\w+.*instead"):
