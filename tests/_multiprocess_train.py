@@ -1,5 +1,5 @@
 """Run by tests/test_training_multiprocess.py under a 2-process launch (one copy per rank):
-``python _multiprocess_train.py {midtrain|rl} ROOT``; prints each rank's manifest counts."""
+``python _multiprocess_train.py {midtrain|rl} ROOT``; writes each rank's manifest counts to ROOT/counts-rank{RANK}.json."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def main(which: str, root: Path) -> None:
         shared = f"data.rl={{kind: local, path: {root / 'rl.jsonl'}, fields: {{problem_id: id}}}}"
         cfg = rl_cfg(scratch, model, 8, f"run.root={root}", shared, "rl.max_steps=2")
         m = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
-    print("COUNTS", os.environ.get("RANK"), json.dumps(m["counts"], sort_keys=True), flush=True)
+    # one file per rank: both ranks share the launcher's stdout, where their lines can interleave
+    out = root / f"counts-rank{os.environ.get('RANK', '0')}.json"
+    out.write_text(json.dumps(m["counts"], sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -32,11 +32,10 @@ def _launch(which: str, root: Path) -> list[dict[str, int]]:
            str(HERE / "_multiprocess_train.py"), which, str(root)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    counts = [
-        json.loads(line.split(" ", 2)[2]) for line in done.stdout.splitlines() if line.startswith("COUNTS ")
-    ]
-    assert len(counts) == 2, done.stdout[-2000:]
-    return counts
+    # each rank writes its own file (a line each on the shared stdout once came out interleaved)
+    files = sorted(root.glob("counts-rank*.json"))
+    assert [f.name for f in files] == ["counts-rank0.json", "counts-rank1.json"], done.stdout[-2000:]
+    return [json.loads(f.read_text()) for f in files]
 
 
 @pytest.mark.slow
