@@ -185,7 +185,9 @@ def test_models_the_head_does_not_cover_keep_trls(tiny_model_dir: Path) -> None:
 # ---- GRPO per-token log-probs ----------------------------------------------------------------------
 
 
-def grpo_trainer(tmp_path: Path, model_dir: Path, bf16: bool, mode: str, beta: float = 0.0) -> Any:
+def grpo_trainer(
+    tmp_path: Path, model_dir: Path, bf16: bool, mode: str, beta: float = 0.0, **head: Any
+) -> Any:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -201,14 +203,17 @@ def grpo_trainer(tmp_path: Path, model_dir: Path, bf16: bool, mode: str, beta: f
         report_to="none",
         beta=beta,
     )
+    model = tiny_model(model_dir)
+    if attn := head.pop("attn_implementation", None):
+        model.set_attn_implementation(attn)
     trainer = GRPOTrainer(
-        model=tiny_model(model_dir),
+        model=model,
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": "What is 1 + 1?"}] * 4),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
-    assert use_loss_head(trainer, mode) == ("completion" if mode != "trl" else "trl")
+    assert use_loss_head(trainer, mode, **head) == ("completion" if mode != "trl" else "trl")
     return trainer
 
 
@@ -400,3 +405,7 @@ def test_grpo_step_scores_only_the_completion(
     vocab = trainer.model.config.vocab_size
     assert len(needed) == 1 and needed[0] > 0
     assert forward.elements == needed[0] * vocab and backward.elements == 0
+    # rl.shared_prefix (default): the group's 4 rows shared one prompt, computed once
+    stats = trainer.manyways_forward_stats
+    assert stats["forwards"] >= 1 and stats["shared"] == stats["forwards"]
+    assert 0 < stats["positions"] < stats["plain_positions"]

@@ -60,3 +60,7 @@ def test_two_process_rl_counts_every_ranks_completions(tmp_path: Path) -> None:
     assert counts[0] == counts[1]
     # 2 steps x 4 completions per rank x 2 ranks; fake verdicts cycle correct/incorrect/none/timeout
     assert counts[0]["completions"] == 16 and counts[0]["status_correct"] == 4
+    # rl.shared_prefix: each rank's group of 4 shared one prompt in each step's training forward
+    forwards = counts[0]["training_forwards"]
+    assert forwards["forwards"] == forwards["shared"] == 4  # 2 steps x 2 ranks
+    assert 0 < forwards["positions"] < forwards["plain_positions"]

@@ -278,6 +278,11 @@ class RLSection(Section):
         description="LM head of the loss: completion = log-probs at the labelled positions only, bf16 "
         "matmuls, fp32 log-softmax (manyways.loss_head); trl = TRL's fused head; auto = completion on CPU.",
     )
+    shared_prefix: bool = Field(
+        True,
+        description="With the completion loss head: compute each group's prompt once in the training "
+        "forwards (one packed sequence per group, manyways.prefix_sharing); same log-probs and gradients.",
+    )
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.GRPOConfig untouched, over our defaults."
     )

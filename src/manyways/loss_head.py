@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from manyways.prefix_sharing import pack_groups, shared_prefix_hidden
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "completion", "trl")
@@ -48,6 +50,7 @@ CHUNK_ELEMENTS = 16 * 2**20  # logits per row chunk: 341 rows of a 49K vocabular
 KEEP_LOGITS_BYTES = 512 * 2**20  # bf16 logits kept for the backward up to this size, else recomputed
 _SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 _MARK = "_manyways_completion_head"
+_PLAIN_INPUTS = {"input_ids", "attention_mask", "use_cache"}  # what TRL's GRPO forward passes
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -237,9 +240,15 @@ def install_completion_head(
     outputs: tuple[str, ...] = ("log_probs",),
     chunk_elements: int = CHUNK_ELEMENTS,
     keep_logits_bytes: int = KEEP_LOGITS_BYTES,
+    share_prefix: bool = False,
+    stats: dict[str, int] | None = None,
 ) -> bool:
     """Wrap ``model``'s TRL fused-head forward (see module doc). ``model`` is the transformers model
-    TRL patched (the base model under PEFT). Returns False (and logs why) where TRL's head stays."""
+    TRL patched (the base model under PEFT). Returns False (and logs why) where TRL's head stays.
+
+    ``share_prefix``: compute each GRPO group's prompt once (:mod:`manyways.prefix_sharing`).
+    ``stats``: a dict of counters the forward adds to (``forwards``, ``shared``: forwards packed;
+    ``positions``: positions the backbone computed; ``plain_positions``: TRL's padded rows')."""
     if getattr(model.forward, _MARK, False):
         return True
     if "forward" not in vars(model):
@@ -259,6 +268,8 @@ def install_completion_head(
         "want_top1": "is_top1" in outputs,
         "chunk_elements": chunk_elements,
         "keep_logits_bytes": keep_logits_bytes,
+        "share_prefix": share_prefix,
+        "stats": stats,
     }
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against the signature
@@ -286,7 +297,29 @@ def _completion_forward(
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
-    hidden = model.base_model(**kwargs).last_hidden_state
+    packed = None
+    if (
+        options.get("share_prefix")
+        and shift_labels is None
+        and labels is not None
+        and set(kwargs) == _PLAIN_INPUTS
+    ):
+        packed = pack_groups(
+            kwargs["input_ids"],
+            kwargs["attention_mask"],
+            labels,
+            getattr(model.config, "_attn_implementation", None),
+        )
+    stats = options.get("stats")
+    if stats is not None:  # positions the backbone computes, against TRL's padded rows
+        stats["forwards"] += 1
+        stats["shared"] += packed is not None
+        stats["positions"] += packed.computed if packed is not None else kwargs["input_ids"].numel()
+        stats["plain_positions"] += kwargs["input_ids"].numel()
+    if packed is not None:
+        hidden = shared_prefix_hidden(model.base_model, packed)
+    else:
+        hidden = model.base_model(**kwargs).last_hidden_state
     if shift_labels is None:
         hidden, labels = hidden[:, :-1], labels[:, 1:]  # type: ignore[index]
     else:
@@ -341,9 +374,18 @@ def _trainer_head(trainer: Any) -> tuple[dict[str, Any], list[tuple[Any, tuple[s
     return None
 
 
-def use_loss_head(trainer: Any, mode: str = "auto", **options: Any) -> str:
+def use_loss_head(
+    trainer: Any,
+    mode: str = "auto",
+    *,
+    shared_prefix: bool = False,
+    stats: dict[str, int] | None = None,
+    **options: Any,
+) -> str:
     """Choose the loss head of a built (not yet trained) TRL trainer; returns ``completion`` or
-    ``trl``, the head now in use. ``options`` go to :func:`install_completion_head`."""
+    ``trl``, the head now in use. ``options`` go to :func:`install_completion_head`;
+    ``shared_prefix`` (GRPO only) computes each group's prompt once in the training forwards, and
+    ``stats`` (a dict of counters, see :func:`install_completion_head`) counts their positions."""
     if mode not in MODES:
         raise ValueError(f"loss_head must be one of {', '.join(MODES)}, not {mode!r}")
     device = next(trainer.model.parameters()).device
@@ -356,6 +398,8 @@ def use_loss_head(trainer: Any, mode: str = "auto", **options: Any) -> str:
         log.info("loss head: TRL's fused head (%s, mode %s)", device.type, mode)
         return "trl"
     common, models = target  # type: ignore[misc]
+    if "temperature" in common:  # GRPO: the rows of a group share their prompt
+        common = {**common, "share_prefix": shared_prefix, "stats": stats}
     done = [install_completion_head(m, outputs=o, **common, **options) for m, o in models]
     head = "completion" if done[0] else "trl"
     log.info("loss head: %s (%s, mode %s)", head, device.type, mode)

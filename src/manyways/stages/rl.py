@@ -214,7 +214,9 @@ def build_trainer(
     cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
     from manyways.loss_head import use_loss_head  # issue 16: completion positions only, bf16 head
 
-    use_loss_head(trainer, cfg.rl.loss_head)
+    stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
+    use_loss_head(trainer, cfg.rl.loss_head, shared_prefix=cfg.rl.shared_prefix, stats=stats)
+    trainer.manyways_forward_stats = stats  # the manifest's shared_prefix record
     check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
     return quiet_trainer(trainer), correctness
 
@@ -247,8 +249,9 @@ def run(
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     verifier = sum_over_processes(correctness.totals())  # each rank verified its own completions
+    forwards = sum_over_processes(trainer.manyways_forward_stats)
     if save_trained_model(trainer, trainer.processing_class, out_dir / "model", merge_lora=cfg.rl.lora.merge):
-        write_manifest(stage, trainer, verifier, load_counts, model_path, resume)
+        write_manifest(stage, trainer, verifier, load_counts, model_path, resume, forwards)
     trainer.accelerator.wait_for_everyone()  # other ranks return the manifest the main process wrote
     if trainer.accelerator.is_main_process and (out_dir / "manifest.json").is_file():
         drop_checkpoints(out_dir, cfg.rl.keep_checkpoints_when_done)
@@ -262,8 +265,11 @@ def write_manifest(
     load_counts: dict[str, int],
     model_path: str,
     resume: Path | None,
+    forwards: dict[str, int] | None = None,
 ) -> None:
-    """The manifest (last): start model, steps, verifier counters, reward and loss summary."""
+    """The manifest (last): start model, steps, verifier counters, reward and loss summary, and
+    ``training_forwards``: the loss head's forwards, how many were packed per group
+    (``rl.shared_prefix``) and the positions computed against TRL's padded rows."""
     out_dir = stage.path
     problems = trainer.train_dataset
     counts: Counter[str] = Counter({f"load_{k}": v for k, v in load_counts.items()})
@@ -278,6 +284,7 @@ def write_manifest(
             "resumed_from": resume.name if resume else None,
             "bf16": bool(trainer.args.bf16),
             **master_weights_summary(trainer),
+            "training_forwards": forwards,
             **summary,
         },
     )

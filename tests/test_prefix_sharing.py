@@ -1,0 +1,98 @@
+"""GRPO's shared-prefix training forward (manyways.prefix_sharing): each group's prompt computed
+once gives TRL's per-token log-probs, entropies and gradients, and steps aside where it must.
+
+Tolerances as tests/test_loss_head.py: fp32 1e-5 on log-probs and 1e-4 on whole-model gradients
+(the same arithmetic up to summation order), bf16 autocast 1e-3 and 1e-2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from manyways.prefix_sharing import pack_groups
+from test_loss_head import BF16_GRAD_RTOL, FP32_GRAD_RTOL, LOSS_RTOL, grpo_trainer, rel
+
+PAD = 0
+WIDTH, KEEP = 17, 8  # 9 prompt columns (left-padded) + 8 completion columns
+
+
+def grpo_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's layout: two prompts (6 and 9 tokens, left-padded to 9) of three completions each, the
+    completions right-padded (lengths 8, 5, 0 and 3, 8, 1; a zero-length one is fully masked)."""
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, vocab, (6, WIDTH), generator=gen)
+    attn = torch.ones_like(ids)
+    short, long_ = torch.randint(1, vocab, (6,), generator=gen), torch.randint(1, vocab, (9,), generator=gen)
+    for r in range(3):
+        ids[r, :3], attn[r, :3], ids[r, 3:9] = PAD, 0, short
+        ids[r + 3, :9] = long_
+    for r, n in enumerate((8, 5, 0, 3, 8, 1)):
+        ids[r, 9 + n :], attn[r, 9 + n :] = PAD, 0
+    return ids, attn
+
+
+def logps_and_grads(trainer: Any, ids: torch.Tensor, attn: torch.Tensor, bf16: bool) -> tuple[Any, ...]:
+    model = trainer.model
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(5)
+    adv = torch.randn(ids.shape[0], KEEP, generator=gen)
+    ent_w = torch.randn(ids.shape[0], KEEP, generator=gen)
+    logps, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, KEEP, compute_entropy=True)
+    mask = attn[:, -KEEP:]
+    ((adv * logps + 0.1 * ent_w * ent) * mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), ent.detach(), grads
+
+
+@pytest.mark.parametrize(("bf16", "attn"), [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
+def test_shared_prefix_gives_the_plain_log_probs_and_gradients(
+    tmp_path: Path, tiny_model_dir: Path, bf16: bool, attn: str
+) -> None:
+    torch.manual_seed(0)
+    stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
+    shared = grpo_trainer(tmp_path / "a", tiny_model_dir, bf16, "auto", shared_prefix=True, stats=stats,
+                          attn_implementation=attn)  # fmt: skip
+    plain = grpo_trainer(tmp_path / "b", tiny_model_dir, bf16, "auto", attn_implementation=attn)
+    ids, mask = grpo_batch(shared.model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logps, ent, grads = logps_and_grads(shared, ids, mask, bf16)
+        ref_logps, ref_ent, ref_grads = logps_and_grads(plain, ids, mask, bf16)
+    assert stats["shared"] == stats["forwards"] == 1
+    # 6 + 13 and 9 + 12 packed positions (padded to 21) against 6 rows x 17 columns
+    assert (stats["positions"], stats["plain_positions"]) == (2 * 21, 6 * WIDTH)
+    valid = mask[:, -KEEP:].bool()
+    assert rel(logps[valid], ref_logps[valid]) < (LOSS_RTOL if bf16 else 1e-5)
+    assert rel(ent[valid], ref_ent[valid]) < (LOSS_RTOL if bf16 else 1e-5)
+    assert torch.count_nonzero(logps[~valid]) == 0 and torch.count_nonzero(ent[~valid]) == 0
+    assert grads.keys() == ref_grads.keys() and "model.embed_tokens.weight" in grads
+    for name, grad in grads.items():
+        assert rel(grad, ref_grads[name]) < (BF16_GRAD_RTOL if bf16 else FP32_GRAD_RTOL), name
+
+
+def test_other_layouts_keep_the_plain_forward(tmp_path: Path, tiny_model_dir: Path) -> None:
+    ids, attn = grpo_batch(1000)
+    labels = ids.masked_fill(attn == 0, -100)
+    labels[:, :-KEEP] = -100
+    assert pack_groups(ids, attn, labels, "sdpa") is not None
+    assert pack_groups(ids, attn, labels, "flash_attention_2") is None  # no 4D mask there
+    gap = attn.clone()
+    gap[0, 11] = 0  # a completion whose mask is not ones then zeros
+    assert pack_groups(ids, gap, labels.masked_fill(gap == 0, -100), "sdpa") is None
+    distinct = ids.clone()
+    distinct[:, 8] = torch.arange(6) + 1  # every row its own prompt: nothing to share
+    assert pack_groups(distinct, attn, labels, "sdpa") is None
+    early = labels.clone()
+    early[:, 4] = ids[:, 4]  # a labelled column inside the prompt: prompt and completion are not split
+    assert pack_groups(ids, attn, early, "sdpa") is not None  # shorter shared part, still exact
+    # and through the trainer: the odd batch runs the plain forward, counted as not shared
+    stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
+    trainer = grpo_trainer(tmp_path, tiny_model_dir, False, "auto", shared_prefix=True, stats=stats)
+    ids, attn = grpo_batch(trainer.model.config.vocab_size)
+    attn[0, 11] = 0
+    with torch.no_grad():
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, KEEP)
+    assert stats["forwards"] == 1 and stats["shared"] == 0 and stats["positions"] == 6 * WIDTH
