@@ -46,7 +46,9 @@ def main(which: str, root: Path) -> None:
         m = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
     # one file per rank: both ranks share the launcher's stdout, where their lines can interleave
     out = root / f"counts-rank{os.environ.get('RANK', '0')}.json"
-    out.write_text(json.dumps({**m["counts"], "training_forwards": m.get("training_forwards")}, sort_keys=True))
+    out.write_text(
+        json.dumps({**m["counts"], "training_forwards": m.get("training_forwards")}, sort_keys=True)
+    )
 
 
 if __name__ == "__main__":
