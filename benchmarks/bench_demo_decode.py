@@ -3,7 +3,9 @@
 The generate stage's workload as ``configs/tiny_cpu.yaml`` configures it (its back-end, batch
 size 80; heuristics.n 4 with 1 exemplar; 4 samples; 160 new tokens; temperature 0.7), the requests
 captured from the stage's own ``GenerateWorker`` (``workloads.demo_generate_requests``) for its
-first shard(s): 5 problems x 4 heuristics x 4 samples = 80 rows, one batch, as in ``make demo``.
+first shard, of which the figure decodes the first ``fig3b_batches`` batches the back-end plans
+(``plan_batches``, as the back-end's ``generate`` does): one batch is one heuristic's 20 prompts
+x 4 samples = 80 rows, as in ``make demo``.
 Only decode is timed (around ``HFBackend._decode``, as figure 3); every decode-step forward's rows
 are recorded (each row's context, its prompt), and the figure is
 ``sum over steps of the step's bound time / measured decode time`` (``bounds.bound_share``): the
@@ -22,13 +24,22 @@ from common import Figure, median_spread, meets
 from workloads import demo_generate_requests
 
 from manyways.backends.hf import HFBackend
+from manyways.backends.protocol import GenRequest
+from manyways.backends.sampling import plan_batches
+
+
+def first_batches(backend: HFBackend, requests: list[GenRequest], count: int) -> list[GenRequest]:
+    """The requests of the first ``count`` batches the back-end plans for ``requests`` (a request
+    larger than the batch size is left whole)."""
+    tokens = [backend.encode(r.messages) for r in requests]
+    batches = plan_batches(tokens, [r.n for r in requests], backend.batch_size)
+    return [requests[i] for i in sorted(i for batch in batches[:count] for i in batch)]
 
 
 def figure_3b(backend: HFBackend, runs: int, sizes: dict[str, Any], bounds: dict) -> Figure:
     """Decode-step bound share at the demo's generate batch (median of ``runs`` runs)."""
-    requests, cfg = demo_generate_requests(
-        sizes.get("fig3b_config", "configs/tiny_cpu.yaml"), sizes["fig3b_shards"]
-    )
+    requests, cfg = demo_generate_requests(sizes.get("fig3b_config", "configs/tiny_cpu.yaml"), 1)
+    requests = first_batches(backend, requests, sizes["fig3b_batches"])
     results = [backend_run(backend, requests) for _ in range(max(1, runs))]
     detail = decode_bound_shares(backend, results, bounds)
     value, spread = median_spread(detail["decode_fraction_of_bound_per_repeat"])
@@ -37,7 +48,8 @@ def figure_3b(backend: HFBackend, runs: int, sizes: dict[str, Any], bounds: dict
     detail.update(
         {
             "workload": f"generate stage of {sizes.get('fig3b_config', 'configs/tiny_cpu.yaml')}, "
-            f"{sizes['fig3b_shards']} shard(s) of {g.shard_size} problems: {len(requests)} prompts x "
+            f"the first {sizes['fig3b_batches']} planned batch(es) of its first shard ({g.shard_size} "
+            f"problems): {len(requests)} prompts x "
             f"{g.samples} samples, max_new_tokens={g.max_new_tokens}, temperature={g.temperature}, "
             f"batch_size={backend.batch_size}, heuristics.n={cfg.heuristics.n}, "
             f"exemplars={cfg.heuristics.exemplars}",

@@ -45,7 +45,7 @@ SIZES: dict[str, Any] = {
     "fig1_problems": 2, "fig1_heuristics": 2, "fig1_samples": 4, "fig1_new_tokens": 48,
     "fig2_problems": 16, "fig2_heuristics": 4, "fig2_samples": 8,
     "fig3_short": 128, "fig3_long": 1100, "fig3_batch": 8, "fig3_new_tokens": 32,
-    "fig3b_shards": 1, "fig3b_runs": 1, "fig3b_config": "configs/tiny_cpu.yaml",
+    "fig3b_batches": 1, "fig3b_runs": 1, "fig3b_config": "configs/tiny_cpu.yaml",
     "fig4_pairs": 5000, "fig4_timeout_s": 1.0, "fig4_plain_limit_s": 15,
     "fig6_problems": 8, "fig6_heuristics": 2, "fig6_new_tokens": 96, "fig6_k": 4,
     "fig6_round": 2, "fig6_max": 8,

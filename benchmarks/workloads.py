@@ -100,8 +100,8 @@ def demo_generate_requests(
     """The requests the generate stage sends for the first ``shards`` shards of ``config_path``
     (its data.train problems, heuristics.n / exemplars, generate.samples / max_new_tokens /
     temperature / stop, seeds from run.seed), captured from ``GenerateWorker`` itself; with the
-    config. One shard of ``configs/tiny_cpu.yaml`` is 5 problems x 4 heuristics x 4 samples = 80 rows,
-    one batch of its ``batch_size: 80``."""
+    config. One shard of ``configs/tiny_cpu.yaml`` is 20 problems x 4 heuristics x 4 samples = 320
+    rows, four batches of its ``batch_size: 80``."""
     from manyways.artifacts import chunks
     from manyways.config import load_config
     from manyways.stages.generate import GenerateWorker, load_train_problems, selected_heuristics

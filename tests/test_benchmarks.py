@@ -350,21 +350,27 @@ def test_demo_decode_workload_is_the_generate_stage_batch(
     requests, _ = workloads.demo_generate_requests("configs/tiny_cpu.yaml", shards=1)
     g = cfg.generate
     assert len(requests) == g.shard_size * cfg.heuristics.n
-    assert {r.n for r in requests} == {g.samples} and sum(r.n for r in requests) == g.backend.batch_size
+    assert {r.n for r in requests} == {g.samples} and sum(r.n for r in requests) == 4 * g.backend.batch_size
     assert {(r.max_new_tokens, r.temperature) for r in requests} == {(g.max_new_tokens, g.temperature)}
     assert len({r.messages[0]["content"] for r in requests}) == cfg.heuristics.n  # the heuristics' prompts
     assert len(requests[0].messages) == 2 + 2 * cfg.heuristics.exemplars  # system, exemplars, question
     assert workloads.demo_generate_requests("configs/tiny_cpu.yaml", shards=1)[0] == requests  # seeded
+    from bench_demo_decode import first_batches
+
+    batch = first_batches(tiny_backend, requests, 1)  # as the back-end plans: one heuristic's prompts
+    assert len(batch) == g.shard_size and len({r.messages[0]["content"] for r in batch}) == 1
     short = tmp_path / "short.yaml"  # the demo's batch shape, 8 new tokens (the test's time)
     short.write_text(
         Path("configs/tiny_cpu.yaml").read_text().replace("max_new_tokens: 160", "max_new_tokens: 8")
     )
     assert load_config(short).generate.max_new_tokens == 8
-    sizes = {"fig3b_shards": 1, "fig3b_config": str(short)}
+    sizes = {"fig3b_batches": 1, "fig3b_config": str(short)}
     limits = {"peak_fp32_flops": 1e9, "peak_bf16_flops": 1e9, "read_bandwidth_bytes_s": 1e9}
     fig = figure_3b(tiny_backend, 1, sizes, limits)
     assert fig.number == "3b" and fig.value is not None and fig.value > 0 and fig.target == ">= 50%"
+    # the first planned batch: 80 rows of 20 prompts, one heuristic's (its exemplar prefix shared)
     assert (fig.detail["first_step_rows"], fig.detail["first_step_prompts"]) == (80, 20)
+    assert "the first 1 planned batch(es)" in fig.detail["workload"]
     assert fig.detail["decode_steps"] == [7] and "max_new_tokens=8" in fig.detail["workload"]
 
 
