@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from manyways import prefix_sharing
 from manyways.prefix_sharing import pack_groups
 from test_loss_head import BF16_GRAD_RTOL, FP32_GRAD_RTOL, LOSS_RTOL, grpo_trainer, rel
 
@@ -73,11 +74,17 @@ def test_shared_prefix_gives_the_plain_log_probs_and_gradients(
         assert rel(grad, ref_grads[name]) < (BF16_GRAD_RTOL if bf16 else FP32_GRAD_RTOL), name
 
 
-def test_other_layouts_keep_the_plain_forward(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_other_layouts_keep_the_plain_forward(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids, attn = grpo_batch(1000)
     labels = ids.masked_fill(attn == 0, -100)
     labels[:, :-KEEP] = -100
-    assert pack_groups(ids, attn, labels, "sdpa") is not None
+    packed = pack_groups(ids, attn, labels, "sdpa")
+    assert packed is not None and packed.attention_mask.shape == (2, 1, 21, 21)
+    monkeypatch.setattr(prefix_sharing, "MAX_MASK_ELEMENTS", 2 * 21 * 21 - 1)  # long sequences: too large
+    assert pack_groups(ids, attn, labels, "sdpa") is None
+    monkeypatch.undo()
     assert pack_groups(ids, attn, labels, "flash_attention_2") is None  # no 4D mask there
     gap = attn.clone()
     gap[0, 11] = 0  # a completion whose mask is not ones then zeros

@@ -18,7 +18,9 @@ completion loss head (:mod:`manyways.loss_head`) on GRPO's models when ``rl.shar
 (the default). It steps aside (the plain forward runs) whenever the batch is not the shape it
 expects: a labelled column inside a prompt, a completion whose mask is not ones then zeros, a
 masked last prompt column, inputs besides ids and mask, an attention implementation other than
-``sdpa``/``eager`` (flash attention takes no 4D mask), or no two rows sharing a prompt.
+``sdpa``/``eager`` (flash attention takes no 4D mask), no two rows sharing a prompt, or a packed
+batch whose dense mask would exceed ``MAX_MASK_ELEMENTS`` (long completions: the recipe's 3K
+tokens; there the prompt is a small part of each row anyway).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# the packed batch's dense mask, groups x length^2: above this the plain forward runs (at 3K-token
+# completions a group of 8 would be a 25K-long sequence; its mask alone 600M elements, and SDPA
+# with a mask computes every masked score, so packing would cost more attention than it saves)
+MAX_MASK_ELEMENTS = 2**24
 
 
 @dataclass
@@ -83,53 +89,45 @@ def _pack(
     lengths: list[int],
     groups: list[list[int]],
     attn_implementation: str,
-) -> PackedBatch:
+) -> PackedBatch | None:
     rows, width = input_ids.shape
     device = input_ids.device
-    sequences = []  # per group: (columns of each token, source row of each token, segment of each token)
-    for members in groups:
-        prompt_cols = real[members[0], :start].nonzero().squeeze(1).tolist()
-        cols, srcs, segs = list(prompt_cols), [members[0]] * len(prompt_cols), [0] * len(prompt_cols)
-        for j, r in enumerate(members, start=1):
-            cols += range(start, start + lengths[r])
-            srcs += [r] * lengths[r]
-            segs += [j] * lengths[r]
-        sequences.append((cols, srcs, segs))
-    length = max(len(s[0]) for s in sequences)
-    n = len(groups)
-    cols_t = torch.zeros(n, length, dtype=torch.long)
-    srcs_t = torch.zeros(n, length, dtype=torch.long)
-    segs_t = torch.full((n, length), -1, dtype=torch.long)  # -1: padding of the packing
-    for g, (cols, srcs, segs) in enumerate(sequences):
-        k = len(cols)
-        cols_t[g, :k], srcs_t[g, :k], segs_t[g, :k] = (
-            torch.tensor(cols),
-            torch.tensor(srcs),
-            torch.tensor(segs),
-        )
+    ids_cpu, real_cpu = input_ids.cpu(), real.cpu()
+    prompts = [real_cpu[members[0], :start].nonzero().squeeze(1) for members in groups]
+    sizes = [len(p) + sum(lengths[r] for r in members) for p, members in zip(prompts, groups, strict=True)]
+    n, length = len(groups), max(sizes)
+    if n * length * length > MAX_MASK_ELEMENTS:  # a dense mask this large costs more than it saves
+        return None
+    ids = torch.zeros(n, length, dtype=torch.long)
+    positions = torch.zeros(n, length, dtype=torch.long)
+    segments = torch.full((n, length), -1, dtype=torch.long)  # -1: padding of the packing
     # the way back: TRL's (row, column) -> packed flat index; prompt columns read the group's copy
     gather = torch.full((rows, width), n * length, dtype=torch.long)  # n * length: a zero row
-    for g, (members, (cols, srcs, segs)) in enumerate(zip(groups, sequences, strict=True)):
-        n_prompt = segs.count(0)
-        for i in range(n_prompt):
-            for r in members:
-                gather[r, cols[i]] = g * length + i
-        for i in range(n_prompt, len(cols)):
-            gather[srcs[i], cols[i]] = g * length + i
+    for g, (members, prompt) in enumerate(zip(groups, prompts, strict=True)):
+        k = len(prompt)
+        ids[g, :k], positions[g, :k], segments[g, :k] = ids_cpu[members[0], prompt], prompt, 0
+        gather[torch.tensor(members).unsqueeze(1), prompt.unsqueeze(0)] = g * length + torch.arange(k)
+        at = k
+        for j, r in enumerate(members, start=1):
+            span = torch.arange(start, start + lengths[r])
+            ids[g, at : at + len(span)], positions[g, at : at + len(span)] = ids_cpu[r, span], span
+            segments[g, at : at + len(span)] = j
+            gather[r, span] = g * length + at + torch.arange(len(span))
+            at += len(span)
     order = torch.arange(length)
-    seg_q, seg_k = segs_t.unsqueeze(2), segs_t.unsqueeze(1)
+    seg_q, seg_k = segments.unsqueeze(2), segments.unsqueeze(1)
+    # causal in packed order; a token sees the prompt (segment 0) and its own segment; the padding
+    # of the packing comes last, so no real token sees it, and each padding query sees itself
     allowed = (order.view(1, 1, -1) <= order.view(1, -1, 1)) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed &= seg_k != -1
-    allowed |= torch.eye(length, dtype=torch.bool).unsqueeze(0)  # padding queries see themselves only
+    allowed |= torch.eye(length, dtype=torch.bool).unsqueeze(0)
     mask = allowed.unsqueeze(1)
     if attn_implementation == "eager":  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(
             ~mask, torch.finfo(torch.float32).min
         )
-    ids = input_ids.cpu()[srcs_t, cols_t].masked_fill_(segs_t == -1, 0)
     return PackedBatch(
         input_ids=ids.to(device),
-        position_ids=cols_t.to(device),
+        position_ids=positions.to(device),
         attention_mask=mask.to(device),
         gather=gather.to(device),
         computed=n * length,
