@@ -73,8 +73,9 @@ def figure_9(run_dir: Path | None = None) -> Figure:
             "complete": (run_dir / "report.html").exists() or any(run_dir.glob("**/report.html")),
             "run_dir": str(run_dir),
             "note": "experiment.json wall_s (stages at once with experiment.jobs); shares of the summed "
-            "stage wall_s; excludes install, model prep and peek; a run with stages_reused > 0 resumed "
-            "an earlier one",
+            "stage wall_s; excludes install, model prep and peek; stages_reused counts the steps that "
+            "found their stage done (shared between arms in this run, e.g. the judge's validity, or "
+            "finished by an earlier run when the demo was resumed)",
         },
     )
 
