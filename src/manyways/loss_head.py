@@ -398,7 +398,9 @@ def use_loss_head(
         log.info("loss head: TRL's fused head (%s, mode %s)", device.type, mode)
         return "trl"
     common, models = target  # type: ignore[misc]
-    if "temperature" in common:  # GRPO: the rows of a group share their prompt
+    from trl import GRPOTrainer
+
+    if isinstance(trainer, GRPOTrainer):  # the rows of a group share their prompt
         common = {**common, "share_prefix": shared_prefix, "stats": stats}
     done = [install_completion_head(m, outputs=o, **common, **options) for m, o in models]
     head = "completion" if done[0] else "trl"

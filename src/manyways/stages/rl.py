@@ -216,7 +216,7 @@ def build_trainer(
 
     stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
     use_loss_head(trainer, cfg.rl.loss_head, shared_prefix=cfg.rl.shared_prefix, stats=stats)
-    trainer.manyways_forward_stats = stats  # the manifest's shared_prefix record
+    trainer.manyways_forward_stats = stats  # the manifest's training_forwards (zeros with TRL's head)
     check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
     return quiet_trainer(trainer), correctness
 
@@ -268,8 +268,9 @@ def write_manifest(
     forwards: dict[str, int] | None = None,
 ) -> None:
     """The manifest (last): start model, steps, verifier counters, reward and loss summary, and
-    ``training_forwards``: the loss head's forwards, how many were packed per group
-    (``rl.shared_prefix``) and the positions computed against TRL's padded rows."""
+    ``training_forwards``: the completion loss head's forwards in this run (all zero when TRL's
+    head is in use), how many were packed per group (``rl.shared_prefix``) and the positions
+    computed against TRL's padded rows."""
     out_dir = stage.path
     problems = trainer.train_dataset
     counts: Counter[str] = Counter({f"load_{k}": v for k, v in load_counts.items()})
