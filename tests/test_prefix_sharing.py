@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from manyways import prefix_sharing
+from manyways.loss_head import forward_stats
 from manyways.prefix_sharing import pack_groups
 from test_loss_head import BF16_GRAD_RTOL, FP32_GRAD_RTOL, LOSS_RTOL, grpo_trainer, rel
 
@@ -49,15 +50,22 @@ def logps_and_grads(trainer: Any, ids: torch.Tensor, attn: torch.Tensor, bf16: b
     return logps.detach(), ent.detach(), grads
 
 
-@pytest.mark.parametrize(("bf16", "attn"), [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
+@pytest.mark.parametrize(
+    ("bf16", "attn", "checkpointing"),
+    [(False, "sdpa", False), (True, "sdpa", False), (False, "eager", False), (True, "sdpa", True)],
+)
 def test_shared_prefix_gives_the_plain_log_probs_and_gradients(
-    tmp_path: Path, tiny_model_dir: Path, bf16: bool, attn: str
+    tmp_path: Path, tiny_model_dir: Path, bf16: bool, attn: str, checkpointing: bool
 ) -> None:
     torch.manual_seed(0)
-    stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
+    stats = forward_stats()
     shared = grpo_trainer(tmp_path / "a", tiny_model_dir, bf16, "auto", shared_prefix=True, stats=stats,
                           attn_implementation=attn)  # fmt: skip
     plain = grpo_trainer(tmp_path / "b", tiny_model_dir, bf16, "auto", attn_implementation=attn)
+    if checkpointing:  # the paper's recipe sets gradient_checkpointing: the layers rerun on the 4D mask
+        for trainer in (shared, plain):
+            trainer.model.gradient_checkpointing_enable()
+            trainer.model.train()
     ids, mask = grpo_batch(shared.model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logps, ent, grads = logps_and_grads(shared, ids, mask, bf16)
@@ -93,13 +101,24 @@ def test_other_layouts_keep_the_plain_forward(
     distinct[:, 8] = torch.arange(6) + 1  # every row its own prompt: nothing to share
     assert pack_groups(distinct, attn, labels, "sdpa") is None
     early = labels.clone()
-    early[:, 4] = ids[:, 4]  # a labelled column inside the prompt: prompt and completion are not split
-    assert pack_groups(ids, attn, early, "sdpa") is not None  # shorter shared part, still exact
+    early[:, 4] = ids[:, 4]  # a labelled column inside the prompt: the shared part ends there
+    assert pack_groups(ids, attn, early, "sdpa") is not None
     # and through the trainer: the odd batch runs the plain forward, counted as not shared
-    stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
+    stats = forward_stats()
     trainer = grpo_trainer(tmp_path, tiny_model_dir, False, "auto", shared_prefix=True, stats=stats)
     ids, attn = grpo_batch(trainer.model.config.vocab_size)
     attn[0, 11] = 0
     with torch.no_grad():
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, KEEP)
     assert stats["forwards"] == 1 and stats["shared"] == 0 and stats["positions"] == 6 * WIDTH
+    # the shortened shared part gives the plain log-probs too
+    plain = grpo_trainer(tmp_path / "plain", tiny_model_dir, False, "auto")
+    ids, attn = grpo_batch(trainer.model.config.vocab_size)
+    with torch.no_grad():
+        mine = trainer.model(input_ids=ids, attention_mask=attn, labels=early, fused_lm_head=True)
+        theirs = plain.model(input_ids=ids, attention_mask=attn, labels=early, fused_lm_head=True)
+    assert stats["shared"] == 1
+    assert (
+        torch.allclose(mine.log_probs, theirs.log_probs, atol=1e-5)
+        and torch.count_nonzero(mine.log_probs) > 0
+    )

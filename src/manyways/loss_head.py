@@ -51,6 +51,12 @@ KEEP_LOGITS_BYTES = 512 * 2**20  # bf16 logits kept for the backward up to this 
 _SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 _MARK = "_manyways_completion_head"
 _PLAIN_INPUTS = {"input_ids", "attention_mask", "use_cache"}  # what TRL's GRPO forward passes
+FORWARD_STATS = ("forwards", "shared", "positions", "plain_positions")
+
+
+def forward_stats() -> dict[str, int]:
+    """Zeroed counters for :func:`install_completion_head`'s ``stats``."""
+    return dict.fromkeys(FORWARD_STATS, 0)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -16,8 +16,8 @@ the factor ``rows x width / (prompt + sum of completion lengths)`` per group: on
 stage (4 completions of a ~40-token prompt, up to 64 new tokens) about 1.5x. Used by the
 completion loss head (:mod:`manyways.loss_head`) on GRPO's models when ``rl.shared_prefix`` is on
 (the default). It steps aside (the plain forward runs) whenever the batch is not the shape it
-expects: a labelled column inside a prompt, a completion whose mask is not ones then zeros, a
-masked last prompt column, inputs besides ids and mask, an attention implementation other than
+expects: a completion whose mask is not ones then zeros (the shared part ends at the first
+labelled column; a label inside the prompt only shortens it), a masked last prompt column, inputs besides ids and mask, an attention implementation other than
 ``sdpa``/``eager`` (flash attention takes no 4D mask), no two rows sharing a prompt, or a packed
 batch whose dense mask would exceed ``MAX_MASK_ELEMENTS`` (long completions: the recipe's 3K
 tokens; there the prompt is a small part of each row anyway).
@@ -45,7 +45,6 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [groups, 1, length, length]: bool (sdpa) or additive float (eager)
     gather: torch.Tensor  # [rows, columns]: index into the packed positions (flattened), or the zero row
     computed: int  # positions the packed forward computes (padding of the packing included)
-    plain: int  # positions the plain forward computes (rows x columns)
 
 
 def pack_groups(
@@ -131,7 +130,6 @@ def _pack(
         attention_mask=mask.to(device),
         gather=gather.to(device),
         computed=n * length,
-        plain=rows * width,
     )
 
 

@@ -212,9 +212,9 @@ def build_trainer(
         ],
     )
     cache_casts_during_generation(trainer.model, args.bf16)  # one weight cast per generate on CPU
-    from manyways.loss_head import use_loss_head  # issue 16: completion positions only, bf16 head
+    from manyways.loss_head import forward_stats, use_loss_head  # issue 16: completion positions, bf16
 
-    stats = dict.fromkeys(("forwards", "shared", "positions", "plain_positions"), 0)
+    stats = forward_stats()
     use_loss_head(trainer, cfg.rl.loss_head, shared_prefix=cfg.rl.shared_prefix, stats=stats)
     trainer.manyways_forward_stats = stats  # the manifest's training_forwards (zeros with TRL's head)
     check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
