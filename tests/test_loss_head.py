@@ -366,8 +366,9 @@ def test_sft_step_scores_only_the_completion(
         assert forward.elements == all_positions[0] * vocab == backward.elements
 
 
+@pytest.mark.parametrize("lora", [False, True])
 def test_grpo_step_scores_only_the_completion(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, lora: bool
 ) -> None:
     import manyways.verify.registry as registry
     from manyways.stages import rl
@@ -396,6 +397,8 @@ def test_grpo_step_scores_only_the_completion(
             "rl.num_generations=4",
             "rl.batch_size=4",
             'rl.trl.save_strategy="no"',
+            f"rl.lora.enabled={str(lora).lower()}",
+            "rl.lora.dropout=0",  # LoRA's dropout would make the shared prefix step aside
         ],
     )
     problems, _ = rl.load_rl_problems(cfg)

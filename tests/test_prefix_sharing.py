@@ -122,3 +122,21 @@ def test_other_layouts_keep_the_plain_forward(
         torch.allclose(mine.log_probs, theirs.log_probs, atol=1e-5)
         and torch.count_nonzero(mine.log_probs) > 0
     )
+
+
+def test_dropout_active_sees_training_mode_dropout_only(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.train()
+    assert not prefix_sharing.dropout_active(model)  # no dropout anywhere
+    model.config.attention_dropout = 0.1
+    assert prefix_sharing.dropout_active(model)
+    model.eval()  # the reference model's forward: no noise drawn
+    assert not prefix_sharing.dropout_active(model)
+    model.config.attention_dropout = 0.0
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.05))  # as LoRA's branch has
+    model.train()
+    assert prefix_sharing.dropout_active(model)
+    model.model.layers[0].mlp.drop.p = 0.0
+    assert not prefix_sharing.dropout_active(model)

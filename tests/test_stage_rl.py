@@ -88,6 +88,30 @@ def test_rl_trains_and_logs(tmp_path: Path, tiny_model_dir: Path, monkeypatch: p
         assert r["rl/completions/mean_length"] > 0
 
 
+def test_rl_lora_run_packs_its_groups_and_merges_into_a_plain_model(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import manyways.verify.registry as registry
+    from manyways.stages import rl
+
+    monkeypatch.setattr(registry, "verify_many", fake_verify_many)
+    lora = ("rl.lora.enabled=true", "rl.lora.r=4", "rl.lora.dropout=0")
+    cfg = rl_cfg(tmp_path, tiny_model_dir, 4, *lora)
+    manifest = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
+    assert manifest["counts"]["global_step"] == 2
+    # PEFT's forward passes extra None inputs: the shared-prefix packing must still apply
+    forwards = manifest["training_forwards"]
+    assert forwards["forwards"] == forwards["shared"] == 2
+    before, after = weights(tiny_model_dir), weights(cfg.run_dir / "rl" / "model")
+    assert before.keys() == after.keys()  # merged: no lora_A / lora_B tensors left
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # with LoRA's dropout on, packing would share the prompt's dropout draw: the plain forward runs
+    (tmp_path / "dropout").mkdir()
+    cfg = rl_cfg(tmp_path / "dropout", tiny_model_dir, 4, *lora[:2], "rl.lora.dropout=0.1")
+    forwards = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)["training_forwards"]
+    assert forwards["forwards"] == 2 and forwards["shared"] == 0
+
+
 def test_rl_rerun_resumes_from_the_last_complete_checkpoint(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from manyways.prefix_sharing import pack_groups, shared_prefix_hidden
+from manyways.prefix_sharing import dropout_active, pack_groups, shared_prefix_hidden
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,20 @@ def install_completion_head(
     return True
 
 
+def _dropout_steps_aside(model: Any, options: dict[str, Any]) -> bool:
+    """Dropout in the model: the packed forward would share the prompt's dropout draw across the
+    group (see :mod:`manyways.prefix_sharing`), so the plain forward runs; said once."""
+    if not dropout_active(model):
+        return False
+    if not options.get("dropout_logged"):
+        options["dropout_logged"] = True
+        log.warning(
+            "rl.shared_prefix: dropout is active in the model (e.g. rl.lora.dropout > 0), so each "
+            "group's prompt is computed once per completion as in TRL; set the dropout to 0 to pack"
+        )
+    return True
+
+
 def _completion_forward(
     model: Any,
     weight: torch.Tensor,
@@ -308,7 +322,8 @@ def _completion_forward(
         options.get("share_prefix")
         and shift_labels is None
         and labels is not None
-        and set(kwargs) == _PLAIN_INPUTS
+        and {k for k, v in kwargs.items() if v is not None} == _PLAIN_INPUTS  # PEFT adds Nones
+        and not _dropout_steps_aside(model, options)
     ):
         packed = pack_groups(
             kwargs["input_ids"],

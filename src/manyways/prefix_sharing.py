@@ -18,9 +18,12 @@ completion loss head (:mod:`manyways.loss_head`) on GRPO's models when ``rl.shar
 (the default). It steps aside (the plain forward runs) whenever the batch is not the shape it
 expects: a completion whose mask is not ones then zeros (the shared part ends at the first
 labelled column; a label inside the prompt only shortens it), a masked last prompt column, inputs besides ids and mask, an attention implementation other than
-``sdpa``/``eager`` (flash attention takes no 4D mask), no two rows sharing a prompt, or a packed
+``sdpa``/``eager`` (flash attention takes no 4D mask), no two rows sharing a prompt, a packed
 batch whose dense mask would exceed ``MAX_MASK_ELEMENTS`` (long completions: the recipe's 3K
-tokens; there the prompt is a small part of each row anyway).
+tokens; there the prompt is a small part of each row anyway), or dropout active in the model
+(:func:`dropout_active`: LoRA's default ``lora.dropout: 0.05``; packed, the group's completions
+would share one dropout draw over the prompt where the plain forward draws one per copy, so
+``rl.lora.dropout: 0`` is what lets a LoRA run pack).
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 # completions a group of 8 would be a 25K-long sequence; its mask alone 600M elements, and SDPA
 # with a mask computes every masked score, so packing would cost more attention than it saves)
 MAX_MASK_ELEMENTS = 2**24
+
+
+def dropout_active(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` now would draw dropout noise (a training-mode dropout module
+    with ``p > 0``, or attention dropout in the config while training)."""
+    if model.training and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules()
+    )
 
 
 @dataclass
