@@ -55,6 +55,18 @@ def test_bad_value_is_named(tmp_path):
         load_config(p)
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"), [("batch", "batch"), ("none", "none"), ("true", "group"), ("false", "none")]
+)
+def test_scale_rewards_takes_trls_spellings(given, expected):
+    assert load_config(None, [f"rl.scale_rewards={given}"]).rl.scale_rewards == expected
+
+
+def test_a_scale_rewards_typo_fails_at_load_not_after_a_generation():
+    with pytest.raises(ConfigError, match="rl.scale_rewards"):
+        load_config(None, ["rl.scale_rewards=grp"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["generate.samples"])

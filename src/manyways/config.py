@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manyways.backends.config import BackendConfig
 from manyways.data.sources import GymSource, ProblemSource
@@ -247,7 +247,9 @@ class RLSection(Section):
         0.0, ge=0, description="KL coefficient; 0 = no KL term and no reference model (the paper)."
     )
     loss_type: str = Field("dapo", description="TRL loss: grpo, dr_grpo, dapo, bnpo, cispo, ...")
-    scale_rewards: str = Field("group", description="Advantage scaling: group, batch or none.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Advantage scaling: group, batch or none (TRL's true / false: group / none)."
+    )
     epsilon: float = Field(0.2, gt=0, description="Lower clip range of the importance ratio.")
     epsilon_high: float | None = Field(
         None, description="Upper clip range (DAPO clip-higher); None = epsilon."
@@ -286,6 +288,12 @@ class RLSection(Section):
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.GRPOConfig untouched, over our defaults."
     )
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_rewards_bool(cls, value: Any) -> Any:
+        # TRL takes a bool too (its older spelling); a typo must fail here, not after a generation
+        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _trl_shadows_no_key(self) -> RLSection:
