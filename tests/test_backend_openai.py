@@ -87,6 +87,21 @@ def test_dead_port_names_the_url() -> None:
     assert len(tries) < 10  # the samples not yet started are dropped, not each retried
 
 
+def test_a_server_that_never_answers_times_out_per_request_and_is_retried() -> None:
+    """``request_timeout_s`` (from the backend config) bounds each HTTP request; a hung server is
+    retried like a dead one and then named."""
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        cfg = BackendConfig(kind="openai", base_url=url, max_retries=1, request_timeout_s=0.3)
+        client = make_backend(cfg, "m")
+        assert isinstance(client, OpenAIBackend) and client.request_timeout_s == 0.3
+        client.backoff_s = 0.01
+        with pytest.raises(BackendUnavailableError, match=r"did not answer after 2 tries: .*timed out"):
+            client.generate(_requests(seeds=(1,))[:1])
+
+
 def test_client_errors_are_not_retried() -> None:
     fake = FakeBackend(QUESTIONS)
     with serving(fake) as url:
