@@ -25,15 +25,13 @@ from workloads import demo_generate_requests
 
 from manyways.backends.hf import HFBackend
 from manyways.backends.protocol import GenRequest
-from manyways.backends.sampling import plan_batches
 
 
 def first_batches(backend: HFBackend, requests: list[GenRequest], count: int) -> list[GenRequest]:
-    """The requests of the first ``count`` batches the back-end plans for ``requests`` (a request
-    larger than the batch size is left whole)."""
-    tokens = [backend.encode(r.messages) for r in requests]
-    batches = plan_batches(tokens, [r.n for r in requests], backend.batch_size)
-    return [requests[i] for i in sorted(i for batch in batches[:count] for i in batch)]
+    """The requests of the first ``count`` batches the back-end plans for ``requests``
+    (``HFBackend.plan``; a request split over batches is taken whole)."""
+    chosen = {unit.request_index for batch in backend.plan(requests)[:count] for unit in batch}
+    return [requests[i] for i in sorted(chosen)]
 
 
 def figure_3b(backend: HFBackend, runs: int, sizes: dict[str, Any], bounds: dict) -> Figure:

@@ -92,7 +92,7 @@ class _Row:
 
 
 @dataclass
-class _Unit:
+class PlannedUnit:
     """A request, or a chunk of its seeds when it asks for more samples than a batch holds."""
 
     request_index: int
@@ -190,22 +190,38 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         self, requests: Sequence[GenRequest], progress: ProgressCallback | None = None
     ) -> list[list[GenSample]]:
         """Samples per request in seed order; see the module docstring."""
-        units: list[_Unit] = []
+        results: list[list[GenSample]] = [[] for _ in requests]
+        for unit, samples in self._decode_planned(self.plan(requests), progress):
+            results[unit.request_index].extend(samples)
+        return results
+
+    def plan(self, requests: Sequence[GenRequest]) -> list[list[PlannedUnit]]:
+        """The batches :meth:`generate` decodes, in order: each a list of units (a request, or a
+        ``batch_size`` slice of its seeds; ``unit.request_index`` is its place in ``requests``)."""
+        units: list[PlannedUnit] = []
         for index, request in enumerate(requests):
             check_request(request)
             tokens = self.encode(request.messages)
             declared = self._declared_len(request, tokens)
             for start in range(0, request.n, self.batch_size):
                 seeds = request.seeds[start : start + self.batch_size]
-                units.append(_Unit(index, request, seeds, tokens, declared))
-        results: list[list[GenSample]] = [[] for _ in requests]
+                units.append(PlannedUnit(index, request, seeds, tokens, declared))
+        return self.plan_units(units)
+
+    def plan_units(self, units: list[PlannedUnit]) -> list[list[PlannedUnit]]:
+        """``units`` in batches of at most ``batch_size`` sample rows, as
+        :func:`~manyways.backends.sampling.plan_batches` groups them (shared prefixes together)."""
         batches = plan_batches([u.tokens for u in units], [len(u.seeds) for u in units], self.batch_size)
+        return [[units[i] for i in batch] for batch in batches]
+
+    def _decode_planned(
+        self, batches: list[list[PlannedUnit]], progress: ProgressCallback | None
+    ) -> Iterator[tuple[PlannedUnit, list[GenSample]]]:
+        """Each unit of ``batches`` with its samples, batch by batch (inference mode, and the
+        back-end's attention while it runs)."""
         with torch.inference_mode(), self._attention():
-            for batch in batches:
-                chosen = [units[i] for i in batch]
-                for unit, samples in zip(chosen, self._generate_batch(chosen, progress), strict=True):
-                    results[unit.request_index].extend(samples)
-        return results
+            for chosen in batches:
+                yield from zip(chosen, self._generate_batch(chosen, progress), strict=True)
 
     @contextmanager
     def _attention(self) -> Iterator[None]:
@@ -224,7 +240,9 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
             self._store_dtype = None
             self.model.set_attn_implementation(before)
 
-    def _generate_batch(self, units: list[_Unit], progress: ProgressCallback | None) -> list[list[GenSample]]:
+    def _generate_batch(
+        self, units: list[PlannedUnit], progress: ProgressCallback | None
+    ) -> list[list[GenSample]]:
         prefix = self._declared_prefix(units)
         if prefix is not None:
             return self._generate_on_prefix(units, prefix, progress)
@@ -259,7 +277,7 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
             grouped[k].append(sample)
         return grouped
 
-    def _rows(self, units: list[_Unit]) -> tuple[list[_Row], list[int]]:
+    def _rows(self, units: list[PlannedUnit]) -> tuple[list[_Row], list[int]]:
         """One row per sample (its own seeded generator and, for a JSON schema, grammar matcher)
         and the unit each row belongs to."""
         rows: list[_Row] = []

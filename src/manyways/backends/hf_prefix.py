@@ -22,7 +22,7 @@ from manyways.backends.protocol import GenRequest, GenSample, ProgressCallback
 from manyways.backends.sampling import common_prefix_len
 
 if TYPE_CHECKING:
-    from manyways.backends.hf import _Unit
+    from manyways.backends.hf import PlannedUnit
 
 PREFILL_ROWS = 8  # prompt remainders prefilled in one forward on a declared shared prefix
 
@@ -56,7 +56,7 @@ class DeclaredPrefixMixin:
             self._declared_tokens[key] = self.encode(head)
         return min(common_prefix_len(self._declared_tokens[key], tokens), len(tokens) - 1)
 
-    def _declared_prefix(self, units: list[_Unit]) -> list[int] | None:
+    def _declared_prefix(self, units: list[PlannedUnit]) -> list[int] | None:
         """The declared prefix every unit of the batch shares, when the batch can decode with it
         (one sample per prompt, cascade attention available); None otherwise."""
         first = units[0]
@@ -73,7 +73,7 @@ class DeclaredPrefixMixin:
         return prefix
 
     def _generate_on_prefix(
-        self, units: list[_Unit], prefix: list[int], progress: ProgressCallback | None
+        self, units: list[PlannedUnit], prefix: list[int], progress: ProgressCallback | None
     ) -> list[list[GenSample]]:
         """A batch of one-sample prompts that share a declared prefix: the prefix's KV once (from
         the process-wide store when this model prefilled it before), each prompt's remainder

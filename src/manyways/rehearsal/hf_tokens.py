@@ -12,11 +12,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from manyways.backends.hf import HFBackend, _Row, _Unit
+from manyways.backends.hf import HFBackend, PlannedUnit, _Row
 from manyways.backends.protocol import GenRequest
-from manyways.backends.sampling import plan_batches
 
 
 class TokenBackend(HFBackend):
@@ -32,14 +29,10 @@ class TokenBackend(HFBackend):
             request = GenRequest(
                 f"r{k}", [], (int(seed),), max(1, limit), p.temperature, p.top_p, tuple(p.stop or ())
             )
-            units.append(_Unit(k, request, request.seeds, list(ids)))
+            units.append(PlannedUnit(k, request, request.seeds, list(ids)))
         results: list[Any] = [None] * len(units)
-        batches = plan_batches([u.tokens for u in units], [1] * len(units), self.batch_size)
-        with torch.inference_mode(), self._attention():
-            for batch in batches:
-                chosen = [units[i] for i in batch]
-                for unit, samples in zip(chosen, self._generate_batch(chosen, None), strict=True):
-                    results[unit.request_index] = samples[0]
+        for unit, samples in self._decode_planned(self.plan_units(units), None):
+            results[unit.request_index] = samples[0]
         return results
 
     def _to_sample(self, row: _Row) -> Any:  # type: ignore[override]
