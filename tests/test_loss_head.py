@@ -206,12 +206,15 @@ def grpo_trainer(
     model = tiny_model(model_dir)
     if attn := head.pop("attn_implementation", None):
         model.set_attn_implementation(attn)
+    peft_config = head.pop("peft_config", None)
+    torch.manual_seed(0)  # LoRA's initial adapters: the same in every trainer built here
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": "What is 1 + 1?"}] * 4),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=peft_config,
     )
     assert use_loss_head(trainer, mode, **head) == ("completion" if mode != "trl" else "trl")
     return trainer

@@ -51,17 +51,36 @@ def logps_and_grads(trainer: Any, ids: torch.Tensor, attn: torch.Tensor, bf16: b
 
 
 @pytest.mark.parametrize(
-    ("bf16", "attn", "checkpointing"),
-    [(False, "sdpa", False), (True, "sdpa", False), (False, "eager", False), (True, "sdpa", True)],
+    ("bf16", "attn", "checkpointing", "lora"),
+    [
+        (False, "sdpa", False, False),
+        (True, "sdpa", False, False),
+        (False, "eager", False, False),
+        (True, "sdpa", True, False),
+        (False, "sdpa", False, True),  # PEFT's forward passes extra None inputs
+    ],
 )
 def test_shared_prefix_gives_the_plain_log_probs_and_gradients(
-    tmp_path: Path, tiny_model_dir: Path, bf16: bool, attn: str, checkpointing: bool
+    tmp_path: Path, tiny_model_dir: Path, bf16: bool, attn: str, checkpointing: bool, lora: bool
 ) -> None:
     torch.manual_seed(0)
     stats = forward_stats()
-    shared = grpo_trainer(tmp_path / "a", tiny_model_dir, bf16, "auto", shared_prefix=True, stats=stats,
-                          attn_implementation=attn)  # fmt: skip
-    plain = grpo_trainer(tmp_path / "b", tiny_model_dir, bf16, "auto", attn_implementation=attn)
+    extra: dict[str, Any] = {"attn_implementation": attn}
+    if lora:  # the rl stage's adapters (rl.lora, dropout 0); B not zero, as after training
+        from manyways.config import LoraSection
+        from manyways.training import lora_config
+
+        extra["peft_config"] = lora_config(LoraSection(enabled=True, r=4, dropout=0.0))
+    shared = grpo_trainer(
+        tmp_path / "a", tiny_model_dir, bf16, "auto", shared_prefix=True, stats=stats, **extra
+    )
+    plain = grpo_trainer(tmp_path / "b", tiny_model_dir, bf16, "auto", **extra)
+    if lora:
+        for trainer in (shared, plain):
+            torch.manual_seed(1)
+            for name, param in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.02)
     if checkpointing:  # the paper's recipe sets gradient_checkpointing: the layers rerun on the 4D mask
         for trainer in (shared, plain):
             trainer.model.gradient_checkpointing_enable()
@@ -77,7 +96,8 @@ def test_shared_prefix_gives_the_plain_log_probs_and_gradients(
     assert rel(logps[valid], ref_logps[valid]) < (LOSS_RTOL if bf16 else 1e-5)
     assert rel(ent[valid], ref_ent[valid]) < (LOSS_RTOL if bf16 else 1e-5)
     assert torch.count_nonzero(logps[~valid]) == 0 and torch.count_nonzero(ent[~valid]) == 0
-    assert grads.keys() == ref_grads.keys() and "model.embed_tokens.weight" in grads
+    assert grads.keys() == ref_grads.keys() and grads
+    assert any("lora_A" in n for n in grads) if lora else "model.embed_tokens.weight" in grads
     for name, grad in grads.items():
         assert rel(grad, ref_grads[name]) < (BF16_GRAD_RTOL if bf16 else FP32_GRAD_RTOL), name
 
