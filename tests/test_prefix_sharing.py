@@ -131,6 +131,7 @@ def test_other_layouts_keep_the_plain_forward(
     with torch.no_grad():
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, KEEP)
     assert stats["forwards"] == 1 and stats["shared"] == 0 and stats["positions"] == 6 * WIDTH
+    assert stats["unshared_layout"] == 1 and stats["unshared_inputs"] == stats["unshared_dropout"] == 0
     # the shortened shared part gives the plain log-probs too
     plain = grpo_trainer(tmp_path / "plain", tiny_model_dir, False, "auto")
     ids, attn = grpo_batch(trainer.model.config.vocab_size)

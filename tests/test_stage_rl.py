@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_rl_trains_and_logs(tmp_path: Path, tiny_model_dir: Path, monkeypatch: p
 
 
 def test_rl_lora_run_packs_its_groups_and_merges_into_a_plain_model(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import manyways.verify.registry as registry
     from manyways.stages import rl
@@ -102,14 +103,17 @@ def test_rl_lora_run_packs_its_groups_and_merges_into_a_plain_model(
     # PEFT's forward passes extra None inputs: the shared-prefix packing must still apply
     forwards = manifest["training_forwards"]
     assert forwards["forwards"] == forwards["shared"] == 2
+    assert not any(v for k, v in forwards.items() if k.startswith("unshared_"))
     before, after = weights(tiny_model_dir), weights(cfg.run_dir / "rl" / "model")
     assert before.keys() == after.keys()  # merged: no lora_A / lora_B tensors left
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # with LoRA's dropout on, packing would share the prompt's dropout draw: the plain forward runs
     (tmp_path / "dropout").mkdir()
     cfg = rl_cfg(tmp_path / "dropout", tiny_model_dir, 4, *lora[:2], "rl.lora.dropout=0.1")
-    forwards = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)["training_forwards"]
-    assert forwards["forwards"] == 2 and forwards["shared"] == 0
+    with caplog.at_level(logging.WARNING, logger="manyways.stages.rl"):
+        forwards = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)["training_forwards"]
+    assert forwards["forwards"] == 2 and forwards["shared"] == 0 and forwards["unshared_dropout"] == 2
+    assert "no training forward was packed" in caplog.text and "unshared_dropout" in caplog.text
 
 
 def test_rl_rerun_resumes_from_the_last_complete_checkpoint(

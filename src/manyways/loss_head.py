@@ -51,7 +51,17 @@ KEEP_LOGITS_BYTES = 512 * 2**20  # bf16 logits kept for the backward up to this 
 _SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 _MARK = "_manyways_completion_head"
 _PLAIN_INPUTS = {"input_ids", "attention_mask", "use_cache"}  # what TRL's GRPO forward passes
-FORWARD_STATS = ("forwards", "shared", "positions", "plain_positions")
+# forwards, packed (shared), positions computed / TRL's; and, with rl.shared_prefix on, the forwards
+# that ran unpacked and why: extra inputs, dropout active, a batch layout pack_groups declines
+FORWARD_STATS = (
+    "forwards",
+    "shared",
+    "positions",
+    "plain_positions",
+    "unshared_inputs",
+    "unshared_dropout",
+    "unshared_layout",
+)
 
 
 def forward_stats() -> dict[str, int]:
@@ -254,7 +264,10 @@ def install_completion_head(
 
     ``share_prefix``: compute each GRPO group's prompt once (:mod:`manyways.prefix_sharing`).
     ``stats``: a dict of counters the forward adds to (``forwards``, ``shared``: forwards packed;
-    ``positions``: positions the backbone computed; ``plain_positions``: TRL's padded rows')."""
+    ``positions``: positions the backbone computed; ``plain_positions``: TRL's padded rows';
+    with ``share_prefix``, ``unshared_inputs`` / ``unshared_dropout`` / ``unshared_layout``: the
+    forwards that ran unpacked because of extra inputs, active dropout, or a batch layout
+    :func:`~manyways.prefix_sharing.pack_groups` declines)."""
     if getattr(model.forward, _MARK, False):
         return True
     if "forward" not in vars(model):
@@ -317,24 +330,24 @@ def _completion_forward(
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
-    packed = None
-    if (
-        options.get("share_prefix")
-        and shift_labels is None
-        and labels is not None
-        and {k for k, v in kwargs.items() if v is not None} == _PLAIN_INPUTS  # PEFT adds Nones
-        and not _dropout_steps_aside(model, options)
-    ):
-        packed = pack_groups(
-            kwargs["input_ids"],
-            kwargs["attention_mask"],
-            labels,
-            getattr(model.config, "_attn_implementation", None),
-        )
+    packed, unshared = None, None
+    if options.get("share_prefix"):
+        if shift_labels is not None or labels is None:
+            unshared = "unshared_inputs"
+        elif {k for k, v in kwargs.items() if v is not None} != _PLAIN_INPUTS:  # PEFT adds Nones
+            unshared = "unshared_inputs"
+        elif _dropout_steps_aside(model, options):
+            unshared = "unshared_dropout"
+        else:
+            attn = getattr(model.config, "_attn_implementation", None)
+            packed = pack_groups(kwargs["input_ids"], kwargs["attention_mask"], labels, attn)
+            unshared = "unshared_layout" if packed is None else None
     stats = options.get("stats")
     if stats is not None:  # positions the backbone computes, against TRL's padded rows
         stats["forwards"] += 1
         stats["shared"] += packed is not None
+        if unshared is not None:
+            stats[unshared] = stats.get(unshared, 0) + 1
         stats["positions"] += packed.computed if packed is not None else kwargs["input_ids"].numel()
         stats["plain_positions"] += kwargs["input_ids"].numel()
     if packed is not None:

@@ -250,6 +250,9 @@ def run(
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     verifier = sum_over_processes(correctness.totals())  # each rank verified its own completions
     forwards = sum_over_processes(trainer.manyways_forward_stats)
+    if cfg.rl.shared_prefix and forwards.get("forwards") and not forwards.get("shared"):
+        why = {k: v for k, v in forwards.items() if k.startswith("unshared_") and v}
+        log.warning("rl.shared_prefix is on but no training forward was packed: %s", why)
     if save_trained_model(trainer, trainer.processing_class, out_dir / "model", merge_lora=cfg.rl.lora.merge):
         write_manifest(stage, trainer, verifier, load_counts, model_path, resume, forwards)
     trainer.accelerator.wait_for_everyone()  # other ranks return the manifest the main process wrote
@@ -269,8 +272,8 @@ def write_manifest(
 ) -> None:
     """The manifest (last): start model, steps, verifier counters, reward and loss summary, and
     ``training_forwards``: the completion loss head's forwards in this run (all zero when TRL's
-    head is in use), how many were packed per group (``rl.shared_prefix``) and the positions
-    computed against TRL's padded rows."""
+    head is in use), how many were packed per group (``rl.shared_prefix``), how many ran unpacked
+    and why (``unshared_*``), and the positions computed against TRL's padded rows."""
     out_dir = stage.path
     problems = trainer.train_dataset
     counts: Counter[str] = Counter({f"load_{k}": v for k, v in load_counts.items()})
