@@ -250,7 +250,8 @@ def run(
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     verifier = sum_over_processes(correctness.totals())  # each rank verified its own completions
     forwards = sum_over_processes(trainer.manyways_forward_stats)
-    if cfg.rl.shared_prefix and forwards.get("forwards") and not forwards.get("shared"):
+    packed_none = forwards.get("forwards") and not forwards.get("shared")
+    if cfg.rl.shared_prefix and packed_none and trainer.accelerator.is_main_process:  # said once
         why = {k: v for k, v in forwards.items() if k.startswith("unshared_") and v}
         log.warning("rl.shared_prefix is on but no training forward was packed: %s", why)
     if save_trained_model(trainer, trainer.processing_class, out_dir / "model", merge_lora=cfg.rl.lora.merge):
