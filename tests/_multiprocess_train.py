@@ -1,5 +1,6 @@
 """Run by tests/test_training_multiprocess.py under a 2-process launch (one copy per rank):
-``python _multiprocess_train.py {midtrain|rl} ROOT``; writes each rank's manifest counts to ROOT/counts-rank{RANK}.json."""
+``python _multiprocess_train.py {midtrain|rl|rl_zero} ROOT`` (rl_zero: rank 0's completions
+all wrong, so its micro-batches have zero advantage while rank 1's train); writes each rank's manifest counts to ROOT/counts-rank{RANK}.json."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from manyways.models import build_tiny_model  # noqa: E402
+from manyways.verify import Verdict  # noqa: E402
 from test_stage_midtrain import tiny_cfg  # noqa: E402
 from test_stage_rl import fake_verify_many, rl_cfg  # noqa: E402
 
@@ -39,6 +41,8 @@ def main(which: str, root: Path) -> None:
         from manyways.stages import rl
 
         registry.verify_many = fake_verify_many
+        if which == "rl_zero" and os.environ.get("RANK", "0") == "0":  # rank 0's groups all wrong
+            registry.verify_many = lambda pairs, **kw: [Verdict("incorrect", False, "y")] * len(pairs)
         scratch = root / f"rank{os.environ.get('RANK', '0')}"  # rl_cfg writes a problem file there
         scratch.mkdir(exist_ok=True)
         shared = f"data.rl={{kind: local, path: {root / 'rl.jsonl'}, fields: {{problem_id: id}}}}"

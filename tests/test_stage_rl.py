@@ -100,10 +100,11 @@ def test_rl_lora_run_packs_its_groups_and_merges_into_a_plain_model(
     cfg = rl_cfg(tmp_path, tiny_model_dir, 4, *lora)
     manifest = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
     assert manifest["counts"]["global_step"] == 2
-    # PEFT's forward passes extra None inputs: the shared-prefix packing must still apply
+    # PEFT's forward passes extra None inputs: the shared-prefix packing must still apply (each
+    # step's 3 rows with an advantage; the unanswered row, advantage 0, runs alone without autograd)
     forwards = manifest["training_forwards"]
-    assert forwards["forwards"] == forwards["shared"] == 2
-    assert not any(v for k, v in forwards.items() if k.startswith("unshared_"))
+    assert forwards["forwards"] == 4 and forwards["shared"] == forwards["unshared_layout"] == 2
+    assert forwards["unshared_inputs"] == forwards["unshared_dropout"] == 0
     before, after = weights(tiny_model_dir), weights(cfg.run_dir / "rl" / "model")
     assert before.keys() == after.keys()  # merged: no lora_A / lora_B tensors left
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -112,7 +113,7 @@ def test_rl_lora_run_packs_its_groups_and_merges_into_a_plain_model(
     cfg = rl_cfg(tmp_path / "dropout", tiny_model_dir, 4, *lora[:2], "rl.lora.dropout=0.1")
     with caplog.at_level(logging.WARNING, logger="manyways.stages.rl"):
         forwards = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)["training_forwards"]
-    assert forwards["forwards"] == 2 and forwards["shared"] == 0 and forwards["unshared_dropout"] == 2
+    assert forwards["forwards"] == 4 and forwards["shared"] == 0 and forwards["unshared_dropout"] == 4
     assert "no training forward was packed" in caplog.text and "unshared_dropout" in caplog.text
 
 

@@ -60,7 +60,25 @@ def test_two_process_rl_counts_every_ranks_completions(tmp_path: Path) -> None:
     assert counts[0] == counts[1]
     # 2 steps x 4 completions per rank x 2 ranks; fake verdicts cycle correct/incorrect/none/timeout
     assert counts[0]["completions"] == 16 and counts[0]["status_correct"] == 4
-    # rl.shared_prefix: each rank's group of 4 shared one prompt in each step's training forward
+    # rl.shared_prefix: in each step, each rank's 3 rows with an advantage shared one prompt in
+    # their training forward; the unanswered row (advantage 0, rl.skip_zero_advantage) ran alone
+    # without autograd: nothing to share in one row
     forwards = counts[0]["training_forwards"]
-    assert forwards["forwards"] == forwards["shared"] == 4  # 2 steps x 2 ranks
+    assert forwards["forwards"] == 8 and forwards["shared"] == forwards["unshared_layout"] == 4
+    assert forwards["policy_rows"] == 16 and forwards["zero_advantage_rows"] == 4
     assert 0 < forwards["positions"] < forwards["plain_positions"]
+
+
+@pytest.mark.slow
+def test_two_process_rl_with_one_rank_all_zero_advantage(tmp_path: Path) -> None:
+    """rl.skip_zero_advantage under DDP: rank 0's groups are all wrong (no row to train: the zero
+    anchor's forward and backward join rank 1's gradient all-reduce); the run must not hang."""
+    rl_cfg(tmp_path, "unused", 8)
+    counts = _launch("rl_zero", tmp_path)
+    assert counts[0] == counts[1] and counts[0]["global_step"] == 2
+    forwards = counts[0]["training_forwards"]
+    # rank 0: 2 steps x 4 rows; rank 1: its unanswered row in each step
+    assert forwards["policy_rows"] == 16 and forwards["zero_advantage_rows"] == 8 + 2
+    # rank 0: one packed forward without autograd per step (the anchor's is not counted); rank 1:
+    # its 3 rows packed, the unanswered row alone
+    assert forwards["forwards"] == 2 + 4 and forwards["shared"] == 2 + 2

@@ -285,6 +285,12 @@ class RLSection(Section):
         description="With the completion loss head: compute each group's prompt once in the training "
         "forwards (one packed sequence per group, manyways.prefix_sharing); same log-probs and gradients.",
     )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="Completions whose advantage is zero (a group with equal rewards) run their "
+        "training forward without autograd and no backward: with beta 0 their loss and gradient are "
+        "exactly 0 (manyways.zero_advantage); same loss, gradients and metrics.",
+    )
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.GRPOConfig untouched, over our defaults."
     )
