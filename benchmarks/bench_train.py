@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from bounds import train_tokens_per_s_bound
 from common import Figure, interleave, median_spread, meets, ratio_samples
 from transformers import TrainerCallback
@@ -206,10 +207,32 @@ def rl_trainer(steps: int, completion_tokens: int, work: Path, loss_head: str = 
     return trainer
 
 
-def grpo_split(sizes: dict[str, int], loss_head: str) -> tuple[list[float], list[float], Any]:
-    """Step times and generation times of a few GRPO steps of the rl stage's trainer."""
+def vary_rewards(trainer: Any) -> None:
+    """Make every group's rewards differ (bench only): odd rows get 1 more than the verifier gave
+    (an unjudgeable completion counts as 0 here).
+    The base model's 48-token completions are all wrong, so with the verifier's rewards alone every
+    advantage is 0 and the stage skips the backward (``rl.skip_zero_advantage``): the figure would
+    time steps that do not train."""
+    inner = trainer._calculate_rewards
+
+    def varied(*args: Any, **kwargs: Any) -> Any:
+        rewards = inner(*args, **kwargs)
+        odd = torch.arange(rewards.shape[0], device=rewards.device) % 2
+        rewards[:, 0] = rewards[:, 0].nan_to_num(0.0) + odd  # an unjudgeable row would stay at 0
+        return rewards
+
+    trainer._calculate_rewards = varied
+
+
+def grpo_split(
+    sizes: dict[str, int], loss_head: str, train_every_row: bool = True
+) -> tuple[list[float], list[float], Any, dict[str, int]]:
+    """Step times and generation times of a few GRPO steps of the rl stage's trainer, its number
+    of completions per group and its forward counters (``training_forwards``)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = rl_trainer(sizes["fig8_steps"], sizes["fig8_completion"], Path(tmp), loss_head)
+        if train_every_row:
+            vary_rewards(trainer)
         clock, gen_times = StepClock(), []
         inner = trainer._generate_single_turn
 
@@ -222,7 +245,7 @@ def grpo_split(sizes: dict[str, int], loss_head: str) -> tuple[list[float], list
         trainer._generate_single_turn = timed_generate
         trainer.add_callback(clock)
         trainer.train()
-    return clock.times, gen_times, trainer.args.num_generations
+    return clock.times, gen_times, trainer.args.num_generations, dict(trainer.manyways_forward_stats)
 
 
 def outside_ratios(step_s: list[float], gen_s: list[float]) -> list[float]:
@@ -232,9 +255,11 @@ def outside_ratios(step_s: list[float], gen_s: list[float]) -> list[float]:
 
 def figure_8(sizes: dict[str, int]) -> Figure:
     """GRPO: time outside generation / generation time per step (first step excluded)."""
-    step_s, gen_s, group = grpo_split(sizes, "auto")
+    step_s, gen_s, group, forwards = grpo_split(sizes, "auto")
     value, spread = median_spread(outside_ratios(step_s, gen_s))
-    trl_step_s, trl_gen_s, _ = grpo_split(sizes, "trl")  # TRL's LM head, run after (not ABAB)
+    trl_step_s, trl_gen_s, _, _ = grpo_split(sizes, "trl")  # TRL's LM head, run after (not ABAB)
+    # the verifier's own rewards: all wrong, every advantage 0, no backward (rl.skip_zero_advantage)
+    zero_step_s, zero_gen_s, _, zero_forwards = grpo_split(sizes, "auto", train_every_row=False)
     return Figure(
         8,
         "GRPO step: time outside generation / generation time",
@@ -249,6 +274,11 @@ def figure_8(sizes: dict[str, int]) -> Figure:
             "ratio_with_trl_head": median_spread(outside_ratios(trl_step_s, trl_gen_s))[0],
             "trl_head_step_s": trl_step_s,
             "trl_head_generation_s": trl_gen_s,
+            "training_forwards": forwards,
+            "ratio_with_zero_advantages": median_spread(outside_ratios(zero_step_s, zero_gen_s))[0],
+            "zero_advantage_step_s": zero_step_s,
+            "zero_advantage_generation_s": zero_gen_s,
+            "zero_advantage_training_forwards": zero_forwards,
             "config": CONFIG,
             "completion_tokens": sizes["fig8_completion"],
             "group": group,

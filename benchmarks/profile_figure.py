@@ -81,7 +81,7 @@ def generation_workload(figure: int) -> Callable[[], Any]:
 def training_profile(figure: int, work: Path) -> Any:
     """Profile steps 2-4 of figure 7's SFT trainer or steps 2-3 of figure 8's GRPO trainer (the
     benchmark's own builders; step 1 is warm-up)."""
-    from bench_train import ours_sft_trainer, rl_trainer, sft_examples
+    from bench_train import ours_sft_trainer, rl_trainer, sft_examples, vary_rewards
     from run import SIZES
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -90,6 +90,7 @@ def training_profile(figure: int, work: Path) -> Any:
         trainer, first, last = ours_sft_trainer(sft_examples(8), 4, SIZES["fig7_batch"], work), 2, 4
     else:
         trainer, first, last = rl_trainer(3, SIZES["fig8_completion"], work), 2, 3
+        vary_rewards(trainer)  # steps that train, as the figure times
     prof = profile(activities=[ProfilerActivity.CPU])
 
     class StepWindow(TrainerCallback):

@@ -474,3 +474,20 @@ def test_a_partial_run_in_a_fresh_clone_keeps_the_committed_figures_of_its_kind(
     missing.parent.mkdir()
     missing.write_text(json.dumps(zen))
     assert bench_run.previous_results(missing, store, partial)["date"] == "tuesday"
+
+
+def test_figure_8_rewards_vary_within_every_group_so_its_steps_train() -> None:
+    """Figure 8 times steps that train: the base model's rewards are all 0 (or unjudgeable), which
+    rl.skip_zero_advantage would turn into steps without a backward."""
+    import torch
+    from bench_train import vary_rewards
+
+    from manyways.zero_advantage import zero_rows
+
+    trainer = type("T", (), {})()
+    trainer._calculate_rewards = lambda *a, **k: torch.tensor([[0.0], [float("nan")], [0.0], [0.0]])
+    vary_rewards(trainer)
+    rewards = trainer._calculate_rewards()
+    assert rewards[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    advantages = rewards[:, 0] - rewards[:, 0].mean()  # one group of 4
+    assert not zero_rows(advantages).any()
