@@ -10,7 +10,8 @@ is split by rows:
 - rows with a non-zero advantage run as before (through the wrapped model, with autograd);
 - the others run under ``torch.no_grad`` on the unwrapped model, so their log-probs and entropies
   are still computed and every logged metric (entropy, clip ratios) and the ``top_entropy_quantile``
-  threshold are those of the plain run; only their backward, and their activations, are saved;
+  threshold are those of the plain run; what they no longer cost is the backward and the
+  activations kept for it;
 - when no row of a micro-batch has a non-zero advantage, a two-token forward of one row, weighted
   by 0, is the graph the backward runs through: every trainable weight gets an exactly-zero gradient,
   as in the plain run, so the optimizer step (weight decay, moments) is the same, and each process
@@ -25,9 +26,10 @@ multimodal inputs, or sharded parameters (ZeRO-3, FSDP: a forward outside the wr
 shards, and one inside is a collective every process must join).
 
 Counters (the rl manifest's ``training_forwards``): ``policy_rows`` (rows in the policy-loss
-forwards) and ``zero_advantage_rows`` (of them, computed without autograd). How much it saves is
-the share of such rows times the backward's ~2/3 of a forward-and-backward: on the demo's rl
-stage, whose 135M model rarely gets a group's answers half right, most steps.
+forwards) and ``zero_advantage_rows`` (of them, computed without autograd); both stay 0 when the
+skip is off or steps aside. What it saves is about 2/3 of those rows' training compute (the
+backward's share of a forward and backward). On the demo's rl stage most steps have no row to
+train: the 135M model's completions are mostly all wrong.
 """
 
 from __future__ import annotations
