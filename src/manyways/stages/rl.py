@@ -221,7 +221,7 @@ def build_trainer(
     stats.update(dict.fromkeys(zero_advantage.COUNTERS, 0))
     if cfg.rl.skip_zero_advantage:
         zero_advantage.install(trainer, stats)
-    trainer.manyways_forward_stats = stats  # the manifest's training_forwards (zeros with TRL's head)
+    trainer.manyways_forward_stats = stats  # the manifest's training_forwards
     check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
     return quiet_trainer(trainer), correctness
 
@@ -279,7 +279,9 @@ def write_manifest(
     """The manifest (last): start model, steps, verifier counters, reward and loss summary, and
     ``training_forwards``: the completion loss head's forwards in this run (all zero when TRL's
     head is in use), how many were packed per group (``rl.shared_prefix``), how many ran unpacked
-    and why (``unshared_*``), and the positions computed against TRL's padded rows."""
+    and why (``unshared_*``), the positions computed against TRL's padded rows, and, with any head,
+    the rows of the policy-loss forwards and how many of them had zero advantage and so no
+    backward (``policy_rows``, ``zero_advantage_rows``: ``rl.skip_zero_advantage``)."""
     out_dir = stage.path
     problems = trainer.train_dataset
     counts: Counter[str] = Counter({f"load_{k}": v for k, v in load_counts.items()})
