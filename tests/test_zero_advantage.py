@@ -148,7 +148,7 @@ def test_rl_stage_skips_the_backward_and_keeps_the_optimizer_step(
             f"rl.skip_zero_advantage={str(skip).lower()}",
             "rl.trl={optim: sgd, weight_decay: 0.1}",
         )
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.INFO, logger="manyways.stages.rl"):
             manifest = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
         runs[skip] = (manifest, weights(cfg.run_dir / "rl" / "model"))
     (on, on_weights), (off, off_weights) = runs[True], runs[False]
@@ -156,6 +156,7 @@ def test_rl_stage_skips_the_backward_and_keeps_the_optimizer_step(
     assert off["training_forwards"]["zero_advantage_rows"] == 0
     assert on["training_forwards"]["shared"] == 2  # the frozen group's forward packed too
     assert "no training forward was packed" not in caplog.text
+    assert "4 of 8 completions had zero advantage" in caplog.text
     before = weights(tiny_model_dir)
     assert any(not torch.equal(before[k], on_weights[k]) for k in before)
     for key, value in off_weights.items():

@@ -259,6 +259,13 @@ def run(
     if cfg.rl.shared_prefix and packed_none and trainer.accelerator.is_main_process:  # said once
         why = {k: v for k, v in forwards.items() if k.startswith("unshared_") and v}
         log.warning("rl.shared_prefix is on but no training forward was packed: %s", why)
+    if forwards.get("zero_advantage_rows") and trainer.accelerator.is_main_process:
+        log.info(
+            "%s: %d of %d completions had zero advantage and ran without a backward (rl.skip_zero_advantage)",
+            STAGE,
+            forwards["zero_advantage_rows"],
+            forwards["policy_rows"],
+        )
     if save_trained_model(trainer, trainer.processing_class, out_dir / "model", merge_lora=cfg.rl.lora.merge):
         write_manifest(stage, trainer, verifier, load_counts, model_path, resume, forwards)
     trainer.accelerator.wait_for_everyone()  # other ranks return the manifest the main process wrote
