@@ -63,18 +63,31 @@ def loss_and_grads(trainer: Any, inputs: dict[str, Any]) -> tuple[float, dict[st
     return loss.item(), grads, saved[0]
 
 
-@pytest.mark.parametrize("shared_prefix", [True, False])
+@pytest.mark.parametrize(
+    ("head", "shared_prefix", "old_logps"),
+    [("auto", True, False), ("auto", False, False), ("trl", False, False), ("auto", True, True)],
+)
 @pytest.mark.parametrize("advantages", [[0.7, 0.0, -0.7, 0.0], [0.0, 0.0, 0.0, 0.0]])
 def test_split_forward_gives_the_plain_loss_gradients_and_metrics(
-    tmp_path: Path, tiny_model_dir: Path, shared_prefix: bool, advantages: list[float]
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    head: str,
+    shared_prefix: bool,
+    old_logps: bool,
+    advantages: list[float],
 ) -> None:
-    plain = grpo_trainer(tmp_path / "plain", tiny_model_dir, False, "auto", shared_prefix=shared_prefix)
+    """Our completion head (packed or not), TRL's head (the GPU default), and old-policy log-probs
+    given (num_iterations > 1, vLLM's importance sampling: the ratio is then not 1)."""
+    plain = grpo_trainer(tmp_path / "plain", tiny_model_dir, False, head, shared_prefix=shared_prefix)
     stats = forward_stats()
     split = grpo_trainer(
-        tmp_path / "split", tiny_model_dir, False, "auto", shared_prefix=shared_prefix, stats=stats
+        tmp_path / "split", tiny_model_dir, False, head, shared_prefix=shared_prefix, stats=stats
     )
     assert zero_advantage.install(split, stats)
     inputs = grpo_inputs(split.model.config.vocab_size, advantages)
+    if old_logps:
+        gen = torch.Generator().manual_seed(5)
+        inputs["old_per_token_logps"] = -3.0 + 0.3 * torch.randn(4, 8, generator=gen)
     loss, grads, saved = loss_and_grads(plain, inputs)
     split_loss, split_grads, split_saved = loss_and_grads(split, inputs)
 
@@ -92,7 +105,9 @@ def test_split_forward_gives_the_plain_loss_gradients_and_metrics(
     trained = sum(1 for a in advantages if a != 0)
     assert stats["policy_rows"] == 4 and stats["zero_advantage_rows"] == 4 - trained
     assert split_saved < (0.7 if trained else 0.1) * saved
-    if shared_prefix:  # the frozen rows' forward is packed like any other, the anchor not counted
+    if (
+        head == "auto" and shared_prefix
+    ):  # the frozen rows' forward packed like any other, the anchor not counted
         assert stats["forwards"] == stats["shared"] == (2 if trained else 1)
 
 
@@ -102,6 +117,14 @@ def test_no_split_where_it_would_not_be_exact(tmp_path: Path, tiny_model_dir: Pa
     assert zero_advantage.unsupported_reason(with_kl).startswith("beta > 0")
     assert zero_advantage.install(with_kl, stats) is False
     assert stats["policy_rows"] == stats["zero_advantage_rows"] == 0
+    off = forward_stats()
+    assert (
+        zero_advantage.install(
+            grpo_trainer(tmp_path / "off", tiny_model_dir, False, "auto"), off, enabled=False
+        )
+        is False
+    )
+    assert off["policy_rows"] == off["zero_advantage_rows"] == 0
     other = grpo_trainer(tmp_path / "loss", tiny_model_dir, False, "auto")
     other.loss_type = "something_new"
     assert "loss_type" in zero_advantage.unsupported_reason(other)

@@ -69,11 +69,13 @@ def zero_rows(advantages: torch.Tensor) -> torch.Tensor:
     return advantages == 0 if advantages.dim() == 1 else (advantages == 0).all(dim=-1)
 
 
-def install(trainer: Any, stats: dict[str, int]) -> bool:
-    """Split the policy-loss forward of a built ``GRPOTrainer`` (see the module docstring); returns
-    whether it is installed. ``stats`` gets the :data:`COUNTERS`."""
+def install(trainer: Any, stats: dict[str, int], enabled: bool = True) -> bool:
+    """Split the policy-loss forward of a built ``GRPOTrainer`` (see the module docstring) when
+    ``enabled`` and exact; returns whether it is installed. ``stats`` gets the :data:`COUNTERS`."""
     for key in COUNTERS:
         stats.setdefault(key, 0)
+    if not enabled:
+        return False
     reason = unsupported_reason(trainer)
     if reason is not None:
         log.info("rl.skip_zero_advantage steps aside: %s", reason)
@@ -86,7 +88,6 @@ def install(trainer: Any, stats: dict[str, int]) -> bool:
         if torch.is_grad_enabled():
             zero = zero_rows(inputs["advantages"])
             stats["policy_rows"] += zero.numel()
-            stats["zero_advantage_rows"] += int(zero.sum())
             pending["zero"] = zero if bool(zero.any()) else None
         try:
             return compute_loss(model, inputs)
@@ -106,11 +107,10 @@ def install(trainer: Any, stats: dict[str, int]) -> bool:
         zero, pending["zero"] = pending["zero"], None  # the policy's call only, once per loss
         plain = (model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy)
         if zero is None or compute_aux_loss or any(v is not None for v in extra.values()):
-            if zero is not None:  # multimodal inputs: their per-row tensors are not split here
-                stats["zero_advantage_rows"] -= int(zero.sum())
-            return logps_and_entropies(*plain, compute_aux_loss, **extra)
+            return logps_and_entropies(*plain, compute_aux_loss, **extra)  # multimodal: not split
         train = (~zero).nonzero().squeeze(1)
         frozen = zero.nonzero().squeeze(1)
+        stats["zero_advantage_rows"] += frozen.numel()
         with torch.no_grad():  # outside the wrapper: no collective, nothing kept for a backward
             f_logps, f_ent, _ = logps_and_entropies(
                 trainer.accelerator.unwrap_model(model),

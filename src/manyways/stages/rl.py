@@ -218,9 +218,7 @@ def build_trainer(
     use_loss_head(trainer, cfg.rl.loss_head, shared_prefix=cfg.rl.shared_prefix, stats=stats)
     from manyways import zero_advantage  # rows with zero advantage: no backward
 
-    stats.update(dict.fromkeys(zero_advantage.COUNTERS, 0))
-    if cfg.rl.skip_zero_advantage:
-        zero_advantage.install(trainer, stats)
+    zero_advantage.install(trainer, stats, enabled=cfg.rl.skip_zero_advantage)
     trainer.manyways_forward_stats = stats  # the manifest's training_forwards
     check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
     return quiet_trainer(trainer), correctness
