@@ -239,11 +239,14 @@ def test_the_fingerprint_holds_the_length_in_force() -> None:
     assert explicit["midtrain"]["max_length"] == 2048
 
 
+@pytest.mark.parametrize("packed_attention", ["auto", "false"])
 def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, packed_attention: str
 ) -> None:
     """Examples of different lengths as one flattened sequence (no padding computed): the same loss
-    and the same gradients as the padded batch, with the loss head in use."""
+    and the same gradients as the padded batch, with the loss head in use, with the per-sequence
+    attention (auto: on CPU) and with sdpa's block mask (false)."""
+    from manyways import packed_attention as pa
     from manyways.models import load_tokenizer
     from manyways.stages import midtrain
 
@@ -253,8 +256,15 @@ def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients(
     tok = load_tokenizer(str(tiny_model_dir))
     results = {}
     for free in (True, False):
-        cfg = tiny_cfg(tmp_path, tiny_model_dir, f"midtrain.padding_free={str(free).lower()}")
+        cfg = tiny_cfg(
+            tmp_path,
+            tiny_model_dir,
+            f"midtrain.padding_free={str(free).lower()}",
+            f"midtrain.packed_attention={packed_attention}",
+        )
         trainer = midtrain.build_trainer(cfg, tmp_path / f"mt{free}", examples, tok)
+        per_sequence = free and packed_attention == "auto"
+        assert (trainer.model.config._attn_implementation == pa.NAME) == per_sequence
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(4)]
         if free:
@@ -263,8 +273,10 @@ def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients(
             assert batch["input_ids"].shape == (4, max(lengths)) and len(set(lengths)) > 1
         model = trainer.model
         model.zero_grad()
+        before = pa.stats()["packed"]
         loss = trainer.compute_loss(model, batch)
         loss.backward()
+        assert (pa.stats()["packed"] > before) == per_sequence
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results[free] = (loss.item(), grads, (batch["labels"] != -100).sum().item())
     (loss_free, grads_free, labelled_free), (loss_pad, grads_pad, labelled_pad) = (

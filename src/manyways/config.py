@@ -218,6 +218,12 @@ class MidtrainSection(Section):
         "computed; the loss and gradients are those of the padded batch (tested). The length limit "
         "is enforced by max_length's check.",
     )
+    packed_attention: Literal["auto"] | bool = Field(
+        "auto",
+        description="With padding_free: attention per packed example (one causal attention each, "
+        "fp32 softmax) instead of sdpa over the whole row with a block mask; the same result "
+        "(manyways.packed_attention, tested). auto = true on CPU, where sdpa's masked backward is slow.",
+    )
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Passed to trl.SFTConfig untouched, over our defaults."
     )

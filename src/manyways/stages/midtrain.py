@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from manyways.artifacts import StageDir, append_metrics, read_manifest
 from manyways.config import Config
+from manyways.packed_attention import use_packed_attention
 from manyways.ranks import open_stage
 from manyways.training import (
     CheckpointMarkerCallback,
@@ -191,6 +192,16 @@ def sft_args(cfg: Config, out_dir: Path, show_progress: bool = False) -> Any:
     return SFTConfig(**trainer_kwargs(SFTConfig, defaults, dict(m.trl)))
 
 
+def use_packed_attention_here(cfg: Config) -> bool:
+    """Whether the trained model runs :mod:`manyways.packed_attention` (``midtrain.packed_attention``)."""
+    import torch
+
+    mode = cfg.midtrain.packed_attention
+    if not cfg.midtrain.padding_free or mode is False:
+        return False
+    return mode is True or not torch.cuda.is_available()
+
+
 def build_trainer(
     cfg: Config, out_dir: Path, examples: list[dict[str, Any]], tokenizer: Any, show_progress: bool = False
 ) -> Any:
@@ -202,6 +213,8 @@ def build_trainer(
 
     keep_cpu_allocations()  # large per-step tensors reuse heap memory (manyways.training)
     model = load_trainable_model(resolve_model_path(cfg.model.name))
+    if use_packed_attention_here(cfg):
+        use_packed_attention(model)
     dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = SFTTrainer(
         model=model,
