@@ -305,3 +305,45 @@ def test_padding_free_refuses_a_tokenized_example_over_the_limit() -> None:
         match=r"1 tokenized examples exceed midtrain.max_length=15 \(first: example 1, 20 tokens",
     ):
         midtrain.check_tokenized_lengths(kept, 15)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e6, 1e-3, float("nan")])
+def test_clipping_multiplies_only_when_it_changes_the_gradients(
+    tmp_path: Path, tiny_model_dir: Path, max_grad_norm: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's clipping (manyways.training.clip_only_when_needed) returns the same norm and
+    leaves bitwise the same gradients as transformers' own, and multiplies only when clipping: a
+    norm under the limit leaves the gradients untouched, a NaN limit spreads NaN as torch does."""
+    from transformers import Trainer
+
+    from manyways.models import load_tokenizer
+    from manyways.stages import midtrain
+
+    examples, _ = midtrain.to_prompt_completion([sft_row(3), sft_row(12345)])
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, f"midtrain.trl.max_grad_norm={max_grad_norm}")
+    trainer = midtrain.build_trainer(cfg, tmp_path / "mt", examples, load_tokenizer(str(tiny_model_dir)))
+    assert "_clip_grad_norm" in vars(trainer)  # installed on CPU
+    model = trainer.model
+    trainer.compute_loss(
+        model, trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    ).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    multiplies = []
+    inner = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: multiplies.append(1) or inner(*a, **k)
+    )
+    ours = trainer._clip_grad_norm(model)
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad.copy_(grads[name])
+    theirs = Trainer._clip_grad_norm(trainer, model)
+    assert torch.equal(ours, theirs) or (ours.isnan() and theirs.isnan())
+    for name, p in model.named_parameters():
+        assert torch.equal(ours_grads[name], p.grad) or (
+            ours_grads[name].isnan().all() and p.grad.isnan().all()
+        ), name
+    clipping = not (ours.item() <= max_grad_norm - 1e-6)  # NaN: clips
+    assert len(multiplies) == int(clipping)
+    if not clipping:
+        assert all(torch.equal(ours_grads[n], grads[n]) for n in grads)

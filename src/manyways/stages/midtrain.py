@@ -45,6 +45,7 @@ from manyways.training import (
     MetricsCallback,
     SampleLog,
     TrainingDataError,
+    clip_only_when_needed,
     device_args,
     drop_checkpoints,
     example_key,
@@ -231,6 +232,7 @@ def build_trainer(
         ],
     )
     quiet_trainer(trainer)
+    clip_only_when_needed(trainer)  # no multiply by 1 on CPU (manyways.training)
     if cfg.midtrain.padding_free:
         check_tokenized_lengths(trainer.train_dataset, cfg.midtrain.length_limit)
     from manyways.loss_head import use_loss_head  # issue 16: labelled positions only, bf16 head

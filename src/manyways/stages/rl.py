@@ -43,6 +43,7 @@ from manyways.training import (
     MetricsCallback,
     TrainingDataError,
     cache_casts_during_generation,
+    clip_only_when_needed,
     device_args,
     drop_checkpoints,
     keep_cpu_allocations,
@@ -220,6 +221,7 @@ def build_trainer(
 
     zero_advantage.install(trainer, stats, enabled=cfg.rl.skip_zero_advantage)
     trainer.manyways_forward_stats = stats  # the manifest's training_forwards
+    clip_only_when_needed(trainer)  # no multiply by 1 on CPU (manyways.training)
     check_one_step(cfg, len(problems), trainer.accelerator.num_processes)  # the trainer's own count
     return quiet_trainer(trainer), correctness
 
