@@ -6,7 +6,10 @@
    matmul rates. Examples are the polya_v1 exemplar solutions as SFT conversations. A third
    variant, interleaved with the two, is our trainer with TRL's own LM head
    (``midtrain.loss_head=trl``): ``loss_head_speedup`` in the details is ours / that (issue 16
-   item 3, :mod:`manyways.loss_head`).
+   item 3, :mod:`manyways.loss_head`). ``attention_layer`` in the details: one layer's attention,
+   forward and backward, over the first batch's examples packed in one row, transformers' sdpa with
+   the block mask against the per-sequence attention the midtrain stage uses on CPU
+   (:mod:`manyways.packed_attention`), interleaved.
 8. ``manyways.stages.rl.build_trainer`` for a few GRPO steps: time outside generation / time in
    generation (TRL's ``_generate_single_turn`` timed), first step excluded (warm-up). The same run
    with ``rl.loss_head=trl`` follows; its ratio is a detail (``ratio_with_trl_head``).
@@ -135,9 +138,72 @@ def plain_sft(examples: list[dict[str, Any]], steps: int, batch: int, work: Path
 
 def tokens_per_example(examples: list[dict[str, Any]]) -> float:
     """Mean tokens of an example (prompt + completion under the chat template)."""
+    lengths = example_lengths(examples)
+    return sum(lengths) / len(lengths)
+
+
+def attention_layer_ms(
+    lengths: list[int], repeats: int, inner: int = 9, model: str = DEFAULT_MODEL, bf16: bool | None = None
+) -> dict[str, float]:
+    """One decoder layer's attention, forward and backward, over a padding-free row of sequences of
+    ``lengths`` at ``model``'s shapes under bf16 autocast where training uses it: transformers'
+    sdpa with the row's block mask against :mod:`manyways.packed_attention`, interleaved; medians in ms."""
+    from transformers import AutoConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from manyways import packed_attention
+    from manyways.training import use_bf16
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = config.hidden_size // heads
+    total = sum(lengths)
+    if bf16 is None:  # as the midtrain stage decides (dtype: auto)
+        bf16 = use_bf16("auto", resolve_model_path(model))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, h, total, dim, generator=gen) for h in (heads, kv_heads, kv_heads)]
+    grad = torch.randn(1, total, heads, dim, generator=gen).to(dtype)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    mask = packed_attention.block_causal_mask(tuple(lengths))[None, None]
+
+    class Module:
+        num_key_value_groups = heads // kv_heads
+        is_causal = True
+        training = True
+
+    def run(fn: Any) -> float:
+        times = []
+        for _ in range(inner):
+            q, k, v = (t.to(dtype).requires_grad_() for t in base)
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out, _ = fn(Module(), q, k, v, mask, scaling=dim**-0.5, position_ids=positions)
+            out.backward(grad)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    runs = interleave(
+        {
+            "sdpa": lambda: run(sdpa_attention_forward),
+            "per_sequence": lambda: run(packed_attention.packed_attention_forward),
+        },
+        repeats,
+    )
+    return {
+        "sdpa_ms": median_spread(runs["sdpa"])[0],
+        "per_sequence_ms": median_spread(runs["per_sequence"])[0],
+        "speedup": median_spread(ratio_samples(runs["sdpa"], runs["per_sequence"]))[0],
+        "lengths": lengths,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def example_lengths(examples: list[dict[str, Any]]) -> list[int]:
+    """Tokens of each example (prompt + completion under the chat template)."""
     tok = load_tokenizer(DEFAULT_MODEL)
     texts = [tok.apply_chat_template(e["prompt"] + e["completion"], tokenize=False) for e in examples]
-    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
+    return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_params: int) -> Figure:
@@ -172,6 +238,8 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
         "loss_head_speedup": head_speedup,
         "loss_head_speedup_spread": head_spread,
         "tokens_per_step": per_step,
+        # a padding-free step's attention: its first batch's examples as one row (manyways.packed_attention)
+        "attention_layer": attention_layer_ms(example_lengths(examples[:batch]), repeats),
         "workload": f"{steps} steps x batch {batch}, {len(examples)} exemplar conversations",
     }
     met = ratio >= 2 and ours / fp32_bound >= 0.45 and ours / bf16_bound >= 0.15

@@ -491,3 +491,17 @@ def test_figure_8_rewards_vary_within_every_group_so_its_steps_train() -> None:
     assert rewards[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
     advantages = rewards[:, 0] - rewards[:, 0].mean()  # one group of 4
     assert not zero_rows(advantages).any()
+
+
+def test_figure_7_times_one_layers_attention_both_ways(tiny_model_dir) -> None:
+    """Figure 7's ``attention_layer`` detail runs sdpa with the block mask and the per-sequence
+    attention on the same packed row and reports both medians and their ratio."""
+    from bench_train import attention_layer_ms
+
+    from manyways import packed_attention
+
+    before = packed_attention.stats()
+    out = attention_layer_ms([7, 3, 5], repeats=2, inner=1, model=str(tiny_model_dir), bf16=False)
+    assert out["sdpa_ms"] > 0 and out["per_sequence_ms"] > 0 and out["speedup"] > 0
+    assert out["lengths"] == [7, 3, 5] and out["dtype"] == "float32"
+    assert packed_attention.stats()["packed"] == before["packed"] + 2  # not the fallback
