@@ -309,10 +309,12 @@ def _decode_step(
     cache: CascadeCache,
 ) -> torch.Tensor:
     """:func:`cascade_attention` for one query token per row, in as few operations as the math
-    allows (a decode step calls it once per layer; each small op costs ~10 us on a CPU): each part
-    as ``softmax(s) @ v`` (the replicated path's softmax) with ``logsumexp(s)`` for the merge, no
-    row gather when the rows are prompt-major with equal counts (``RowGroups.ordered``). Every row sees at least
-    one prefix position and its own newest token, so no part is empty."""
+    allows (a decode step calls it once per layer; each small op costs ~10 us on a CPU): the prefix
+    part's scores (each prompt's KV read once, for all its rows) and the suffix part's are joined
+    per row and go through one softmax, whose two slices weigh each part's values, so no
+    log-sum-exp merge is needed; no row gather when the rows are prompt-major with equal counts
+    (``RowGroups.ordered``). Every row sees at least one prefix position and its own newest token,
+    so no part is empty."""
     rows, heads, _, dim = query.shape
     kv_heads, prompts = key.shape[1], layer.prefix_kt.shape[0]
     group = heads // kv_heads
@@ -325,21 +327,28 @@ def _decode_step(
     s1 = torch.matmul(qp, layer.prefix_kt).float() * scale  # [prompts, kv_heads, width*group, prefix]
     if cache.prefix_padded:
         s1 = s1.masked_fill(~cache.prefix_mask[:, None, None, :], float("-inf"))
-    lse1 = torch.logsumexp(s1, dim=-1, keepdim=True)
-    o1 = torch.matmul(torch.softmax(s1, dim=-1).to(layer.prefix_v.dtype), layer.prefix_v)
-    o1 = o1.reshape(prompts, kv_heads, width, group, dim).transpose(1, 2).reshape(-1, kv_heads, group, dim)
-    lse1 = lse1.reshape(prompts, kv_heads, width, group).transpose(1, 2).reshape(-1, kv_heads, group, 1)
+    prefix = s1.shape[-1]
+    s1 = (
+        s1.reshape(prompts, kv_heads, width, group, prefix)
+        .transpose(1, 2)
+        .reshape(-1, kv_heads, group, prefix)
+    )
     if not groups.ordered:
-        o1, lse1 = o1.index_select(0, groups.slot_of_row), lse1.index_select(0, groups.slot_of_row)
+        s1 = s1.index_select(0, groups.slot_of_row)
     s2 = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, suffix]
     if attention_mask is not None:
         part = attention_mask[..., layer.prefix_len :]  # [rows, 1, 1, suffix]
         s2 = s2.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else s2 + part.float()
-    lse2 = torch.logsumexp(s2, dim=-1, keepdim=True)
-    o2 = torch.matmul(torch.softmax(s2, dim=-1).to(value.dtype), value)
-    peak = torch.maximum(lse1, lse2)
-    w1, w2 = torch.exp(lse1 - peak), torch.exp(lse2 - peak)
-    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    probs = torch.softmax(torch.cat([s1, s2], dim=-1), dim=-1)
+    p1, p2 = probs[..., :prefix].to(layer.prefix_v.dtype), probs[..., prefix:].to(value.dtype)
+    if not groups.ordered:
+        p1 = p1.index_select(0, groups.slots.reshape(-1))
+    p1 = p1.reshape(prompts, width, kv_heads, group, prefix).transpose(1, 2)
+    o1 = torch.matmul(p1.reshape(prompts, kv_heads, width * group, prefix), layer.prefix_v)
+    o1 = o1.reshape(prompts, kv_heads, width, group, dim).transpose(1, 2).reshape(-1, kv_heads, group, dim)
+    if not groups.ordered:
+        o1 = o1.index_select(0, groups.slot_of_row)
+    out = o1.float() + torch.matmul(p2, value).float()
     return out.to(value.dtype).reshape(rows, 1, heads, dim)
 
 
