@@ -12,8 +12,10 @@ softmax), at a fraction of the work for rows of many short sequences.
 
 It takes that path only where it is exact and falls back to transformers' ``sdpa`` otherwise: one
 row, no KV cache, ``dropout == 0``, no soft-capping, sliding window or position bias, queries and
-keys of the same length, sequences of at most ``MAX_SEQUENCE`` positions, and a mask that is exactly the block-diagonal causal mask of the row's
-``position_ids`` (checked: a padding, sliding-window or custom mask falls back).
+keys of the same length, sequences of at most ``MAX_SEQUENCE`` positions, and a mask that is
+exactly the block-diagonal causal mask of the row's ``position_ids`` (checked: a padding,
+sliding-window or custom mask falls back). Reading the lengths from ``position_ids`` is a host
+sync per layer on a GPU: ``auto`` uses it on CPU only.
 
 Config: ``midtrain.packed_attention`` = ``auto`` (default: on CPU when ``midtrain.padding_free``),
 ``true`` (any device, padding-free) or ``false``; the stage calls :func:`use_packed_attention` on the
@@ -24,12 +26,9 @@ with transformers' default attention.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 NAME = "manyways_packed"
 FALLBACK = "sdpa"
@@ -77,10 +76,11 @@ def _mask_matches(mask: torch.Tensor | None, lengths: list[int]) -> bool:
     return torch.equal(mask[0, 0], block_causal_mask(tuple(lengths), mask.device))
 
 
-@functools.lru_cache(maxsize=64)
-def _future(n: int, group: int, device: Any) -> torch.Tensor:
-    """``[group*n, n]`` bool, True above the diagonal of each of the ``group`` stacked blocks."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1).repeat(group, 1)
+@functools.lru_cache(maxsize=4)
+def _above_diagonal(device: Any) -> torch.Tensor:
+    """``[MAX_SEQUENCE, MAX_SEQUENCE]`` bool, True above the diagonal: its top-left ``n x n`` block
+    is the future of a sequence of ``n`` (one cached tensor of 1 MiB per device)."""
+    return torch.ones(MAX_SEQUENCE, MAX_SEQUENCE, dtype=torch.bool, device=device).triu(1)
 
 
 def _per_sequence(
@@ -97,8 +97,9 @@ def _per_sequence(
         # query heads kv*group .. kv*group+group-1 share key/value head kv (repeat_kv's order)
         q = query[0, :, start:end].reshape(kv_heads, group * n, dim).float()
         k, v = key[0, :, start:end].float(), value[0, :, start:end].float()
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)
-        scores.masked_fill_(_future(n, group, query.device), float("-inf"))  # [kv, group*n, n]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)  # [kv, group*n, n]
+        future = _above_diagonal(query.device)[:n, :n]
+        scores.view(kv_heads, group, n, n).masked_fill_(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         outs.append(torch.bmm(probs, v).to(value.dtype).reshape(heads, n, dim))
         start = end
