@@ -87,7 +87,11 @@ def training_profile(figure: int, work: Path) -> Any:
     from transformers import TrainerCallback
 
     if figure == 7:
-        trainer, first, last = ours_sft_trainer(sft_examples(8), 4, SIZES["fig7_batch"], work), 2, 4
+        trainer, first, last = (
+            ours_sft_trainer(sft_examples(4 * SIZES["fig7_batch"]), 4, SIZES["fig7_batch"], work),
+            2,
+            4,
+        )
     else:
         trainer, first, last = rl_trainer(3, SIZES["fig8_completion"], work), 2, 3
         vary_rewards(trainer)  # steps that train, as the figure times

@@ -49,7 +49,7 @@ SIZES: dict[str, Any] = {
     "fig4_pairs": 5000, "fig4_timeout_s": 1.0, "fig4_plain_limit_s": 15,
     "fig6_problems": 8, "fig6_heuristics": 2, "fig6_new_tokens": 96, "fig6_k": 4,
     "fig6_round": 2, "fig6_max": 8,
-    "fig7_steps": 3, "fig7_batch": 2,
+    "fig7_steps": 3, "fig7_batch": 4,  # the demo's midtrain.batch_size (2 before 2026-12-03)
     "fig8_steps": 5, "fig8_completion": 48,
 }  # fmt: skip
 FigureId = int | str

@@ -78,6 +78,31 @@ def test_adaptive_summary_counts_pairs_tokens_and_hard_coverage() -> None:
     assert bench_adaptive.safe_ratio(1.0, 0.0) is None
 
 
+def _pair_rows(correct_by_pair: list[list[bool]], tokens: int = 10) -> list[dict]:
+    return [
+        {"problem_id": f"p{i}", "heuristic_id": "h", "correct": ok, "completion_tokens": tokens}
+        for i, samples in enumerate(correct_by_pair)
+        for ok in samples
+    ]
+
+
+def test_adaptive_bootstrap_is_paired_over_pairs_and_brackets_the_ratio() -> None:
+    fixed = _pair_rows([[True, False, False, False]] * 6 + [[False] * 4] * 10)
+    same = bench_adaptive.bootstrap_ratio(fixed, fixed, resamples=300)
+    assert same["interval"] == [1.0, 1.0] and same["pairs"] == 16  # paired: the same pairs both sides
+    adaptive = _pair_rows([[True, False]] * 9 + [[False, False]] * 7)  # half the tokens, more accepted
+    boot = bench_adaptive.bootstrap_ratio(fixed, adaptive, resamples=500)
+    point = (
+        bench_adaptive.summarize(adaptive, set())["accepted_per_token"]
+        / (bench_adaptive.summarize(fixed, set())["accepted_per_token"])
+    )
+    lo, hi = boot["interval"]
+    assert lo < point < hi and lo > 1.0  # 3x the acceptance rate per token, clearly above 1
+    assert boot == bench_adaptive.bootstrap_ratio(fixed, adaptive, resamples=500)  # seeded
+    none_accepted = bench_adaptive.bootstrap_ratio(_pair_rows([[False] * 4] * 16), adaptive, resamples=50)
+    assert none_accepted["interval"] is None and none_accepted["undefined"] == 50
+
+
 def test_markdown_generated_section_is_replaced_not_duplicated(tmp_path: Path) -> None:
     doc = {
         "date": "d", "wall_s": 60.0, "repeats": 3, "load_average_start": [1], "load_average_end": [2],
@@ -505,3 +530,31 @@ def test_figure_7_times_one_layers_attention_both_ways(tiny_model_dir) -> None:
     assert out["sdpa_ms"] > 0 and out["per_sequence_ms"] > 0 and out["speedup"] > 0
     assert out["lengths"] == [7, 3, 5] and out["dtype"] == "float32"
     assert packed_attention.stats()["packed"] == before["packed"] + 2  # not the fallback
+
+
+def test_figure_7_trains_at_the_demos_midtrain_batch(repo_root: Path) -> None:
+    """Figure 7 measures the batch the demo trains with (per-step work that does not grow with the
+    batch weighs more at a smaller one), and the examples it needs exist."""
+    from bench_train import sft_examples
+
+    from manyways.config import load_config
+
+    cfg = load_config(repo_root / "configs" / "tiny_cpu.yaml")
+    batch, steps = bench_run.SIZES["fig7_batch"], bench_run.SIZES["fig7_steps"]
+    assert batch == cfg.midtrain.batch_size
+    assert len(sft_examples(4 * batch)) == 4 * batch  # profile_figure.py 7 runs 4 steps
+    assert steps >= 2  # the first step is excluded
+
+
+def test_bounds_are_the_best_of_spaced_samples(monkeypatch) -> None:
+    """A bound is the best rate seen, not the median: a contended sample must not lower it."""
+    assert bounds.peak_spread([300.0, 900.0, 320.0]) == (900.0, (900.0 - 300.0) / 320.0)
+    with pytest.raises(ValueError):
+        bounds.peak_spread([])
+    slept: list[float] = []
+    monkeypatch.setattr(bounds.time, "sleep", slept.append)
+    rates = iter([300.0, 900.0, 310.0])
+    assert bounds.sample_rates(lambda: next(rates), 3, 1.5) == [300.0, 900.0, 310.0]
+    assert slept == [1.5, 1.5]  # between samples, not before the first
+    rate, _ = bounds.matmul_rate("float32", size=32, samples=2, spacing_s=0)
+    assert rate > 0
