@@ -173,3 +173,22 @@ def test_the_measurement_runs_both_dtypes_interleaved_on_one_thread(
     assert all(r > 0 for v in rates.values() for r in v)
     timed = order[4:]  # after two warm-ups and two calibration steps
     assert timed == ["float32", "bfloat16"] * pairs
+
+
+def test_bf16_generation_is_measured_as_the_hf_back_end_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 decode runs with weights packed for oneDNN (manyways.backends.packed_linear) where
+    torch can: the measurement times that path, not plain F.linear's per-call weight reorder."""
+    from manyways.backends import packed_linear
+
+    packed: list[tuple[int, ...]] = []
+    real = packed_linear.pack
+    monkeypatch.setattr(packed_linear, "pack", lambda w: packed.append(tuple(w.shape)) or real(w))
+    step, _ = dtype_auto.SAMPLERS["generation"](Shapes(64, 128, 2), "float32")
+    step()
+    assert packed == []
+    step, _ = dtype_auto.SAMPLERS["generation"](Shapes(64, 128, 2), "bfloat16")
+    step()
+    if packed_linear.available():  # a torch and CPU with oneDNN bf16 (the back-end packs too)
+        assert sorted(set(packed)) == [(64, 128), (128, 64)] and len(packed) == 4  # 2 layers x up, down
+    else:
+        assert packed == []

@@ -10,7 +10,8 @@ higher median rate (fp32 on a tie):
 - ``generation``: ``rows`` (16) decode rows through the up- and down-projections
   (hidden x intermediate, intermediate x hidden) of as many layers as the model has (at most
   128 MiB of fp32 weights; more than a CPU cache holds, so they stream from memory as in decode),
-  weights stored in the dtype;
+  weights stored in the dtype (bf16 packed for oneDNN where the hf back-end packs them:
+  :mod:`manyways.backends.packed_linear`);
 - ``training``: one forward and backward of ``tokens`` (128) through the same two projections,
   fp32 weights, bf16 under CPU autocast (the weight casts included, as in the trainers).
 
@@ -45,7 +46,7 @@ REPEATS = 5  # interleaved pairs, fewer (MIN_REPEATS) where one pair takes over 
 MIN_REPEATS = 3
 BUDGET_S = 2.0
 MIN_SAMPLE_S = 0.02
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: bf16 generation measured with packed weights (what the hf back-end runs)
 
 Measure = Callable[["Shapes", str], dict[str, list[float]]]
 _USED: list[tuple[float, dict[str, Any]]] = []
@@ -109,6 +110,8 @@ def _generation_sampler(shapes: Shapes, dtype_name: str) -> tuple[Callable[[], N
     import torch
     import torch.nn.functional as F
 
+    from manyways.backends import packed_linear
+
     dtype = getattr(torch, dtype_name)
     per_layer = 2 * shapes.hidden * shapes.intermediate * 4
     layers = max(1, min(shapes.layers, STREAM_BYTES // per_layer))
@@ -117,10 +120,18 @@ def _generation_sampler(shapes: Shapes, dtype_name: str) -> tuple[Callable[[], N
     down = [torch.full((shapes.hidden, shapes.intermediate), 0.01, dtype=dtype) for _ in range(layers)]
     x = torch.full((DECODE_ROWS, shapes.hidden), 0.01, dtype=dtype)
 
+    linear: Callable[..., Any] = F.linear
+    if dtype == torch.bfloat16 and packed_linear.available():  # as the hf back-end runs bf16
+        up, down, linear = (
+            [packed_linear.pack(w) for w in up],
+            [packed_linear.pack(w) for w in down],
+            packed_linear.linear,
+        )
+
     def step() -> None:
         with torch.inference_mode():
             for w_up, w_down in zip(up, down, strict=True):
-                F.linear(F.linear(x, w_up), w_down)
+                linear(linear(x, w_up), w_down)
 
     return step, 4 * DECODE_ROWS * shapes.hidden * shapes.intermediate * layers
 

@@ -50,6 +50,11 @@ class BackendConfig(BaseModel):
         description="hf: keep one copy of a prompt's KV for all its samples and attend to it once per "
         "decode step (shared-prefix / cascade attention).",
     )
+    packed_linear: bool = Field(
+        True,
+        description="hf, CPU, bf16: pack each linear layer's weight once for oneDNN instead of on every "
+        "call (same outputs; faster decode; one more copy of the linear weights in memory).",
+    )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: server root including /v1.")
     api_key_env: str | None = Field(
         None, description="openai: name of the environment variable holding the API key."

@@ -30,7 +30,9 @@ A request with ``json_schema`` is decoded under grammar token masks (llguidance,
 Next-token queries without sampling (the score stage's judge): :mod:`manyways.backends.hf_next_token`.
 
 CPU: ``BackendConfig(kind="hf", threads=1)``; dtype auto is the faster of bf16 and fp32 for
-generation at the model's shapes, measured once per machine (:mod:`manyways.dtype_auto`).
+generation at the model's shapes, measured once per machine (:mod:`manyways.dtype_auto`). In bf16
+the linear layers' weights are packed once for oneDNN (:mod:`manyways.backends.packed_linear`,
+``packed_linear``): the same outputs, without a weight reorder in every call.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 
 import torch
 
+from manyways.backends import packed_linear as packed_linear_layers
 from manyways.backends.cascade import CascadeCache, to_cascade
 from manyways.backends.config import BackendConfig, resolve_dtype
 from manyways.backends.hf_next_token import NextTokenMixin
@@ -130,8 +133,11 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         kv_dtype: torch.dtype | None = None,
         decode_attention: bool = True,
         cascade: bool = True,
+        packed_linear: bool = True,
     ) -> None:
         self.model = model.eval()
+        # bf16 CPU linears with their weights packed once for oneDNN (manyways.backends.packed_linear)
+        self.packed_linears = packed_linear_layers.install(model) if packed_linear else 0
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.batch_size = batch_size
@@ -170,6 +176,7 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
             batch_size=cfg.batch_size,
             prefix_sharing=cfg.prefix_sharing,
             cascade=cfg.cascade_attention,
+            packed_linear=cfg.packed_linear,
         )
 
     def _eos_ids(self) -> set[int]:
