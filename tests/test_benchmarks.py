@@ -558,3 +558,16 @@ def test_bounds_are_the_best_of_spaced_samples(monkeypatch) -> None:
     assert slept == [1.5, 1.5]  # between samples, not before the first
     rate, _ = bounds.matmul_rate("float32", size=32, samples=2, spacing_s=0)
     assert rate > 0
+
+
+def test_packed_linear_micro_benchmark_runs_interleaved_pairs(monkeypatch) -> None:
+    import bench_packed_linear
+
+    from manyways.backends import packed_linear
+
+    if not packed_linear.available():
+        assert bench_packed_linear.main(["--pairs", "1", "--rows", "2"]) == 1  # says so, no crash
+        return
+    monkeypatch.setattr(bench_packed_linear, "LAYERS", 2)
+    ratios = bench_packed_linear.stack_ratios(rows=3, pairs=2)
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)

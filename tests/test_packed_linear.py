@@ -81,3 +81,37 @@ def test_hf_backend_samples_are_the_same_with_packed_weights(tiny_model_dir) -> 
     key = [[(s.text, s.finish_reason, s.completion_tokens) for s in r] for r in ours]
     assert key == [[(s.text, s.finish_reason, s.completion_tokens) for s in r] for r in theirs]
     assert len({s.text for r in ours for s in r}) > 2  # varied samples, not one repeated string
+
+
+def test_grpo_generation_under_autocast_packs_once_per_call_and_matches_autocast(
+    tiny_model_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRL's generation with the trained fp32 model under CPU bf16 autocast: the wrapped
+    ``generate`` casts and packs each linear weight once per call, gives autocast's tokens (greedy
+    and seeded sampling), and leaves no packed copy or wrapper behind for the optimizer step."""
+    from manyways.training import cache_casts_during_generation
+
+    model, _ = spread_model(tiny_model_dir)
+    model.eval()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+
+    def run(sample: bool) -> list[int]:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=sample, top_k=0, max_new_tokens=10
+            )
+        return out[0].tolist()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = [run(False), run(True)]
+    packs: list[tuple[int, ...]] = []
+    real = packed_linear.pack
+    monkeypatch.setattr(packed_linear, "pack", lambda w: packs.append(tuple(w.shape)) or real(w))
+    assert cache_casts_during_generation(model, bf16=True) is True
+    assert [run(False), run(True)] == expected
+    assert len(set(expected[0][6:])) > 1  # the greedy continuation is not one repeated token
+    assert len(packs) == 2 * len(linears)  # each weight once per generate call, not per step
+    assert all("forward" not in m.__dict__ and not hasattr(m, "_manyways_packed") for m in linears)
+    assert all(m.weight.dtype == torch.float32 for m in linears)  # the trained weights untouched

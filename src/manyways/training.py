@@ -223,7 +223,9 @@ def cache_casts_during_generation(model: Any, bf16: bool) -> bool:
     recast every fp32 weight to bf16 at every decode step (``copy_`` was 53% of a GRPO step's CPU
     time: ``benchmarks/profile_figure.py 8``). Inside one outer region each weight is cast once
     per ``generate`` call; the casts are dropped when it returns, before the optimizer changes the
-    weights. Returns whether it wrapped ``generate``.
+    weights. The linear layers' weights are also packed once per call for oneDNN
+    (:func:`manyways.backends.packed_linear.packed_during`), which torch's bf16 linear would
+    otherwise do on every decode step. Returns whether it wrapped ``generate``.
     """
     import functools
 
@@ -233,9 +235,13 @@ def cache_casts_during_generation(model: Any, bf16: bool) -> bool:
         return False
     inner = model.generate
 
+    from manyways.backends.packed_linear import packed_during
+
     @functools.wraps(inner)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        # each linear weight cast to bf16 and packed for oneDNN once per call (bitwise autocast's
+        # result; manyways.backends.packed_linear)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16), packed_during(model):
             return inner(*args, **kwargs)
 
     generate._manyways_cached = True  # type: ignore[attr-defined]
