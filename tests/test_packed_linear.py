@@ -74,7 +74,8 @@ def test_hf_backend_samples_are_the_same_with_packed_weights(tiny_model_dir) -> 
     assert packed.packed_linears == sum(1 for m in model.modules() if type(m) is torch.nn.Linear)
     ours = packed.generate(requests)
     assert all(hasattr(m, "_manyways_packed") for m in model.modules() if type(m) is torch.nn.Linear)
-    packed_linear.uninstall(model)
+    packed.close()  # the caller keeps the model: the wrappers and packed copies go with the back-end
+    assert not any(hasattr(m, "_manyways_packed") or "forward" in m.__dict__ for m in model.modules())
     plain = HFBackend(model, tokenizer, model_id="tiny", batch_size=16, packed_linear=False)
     assert plain.packed_linears == 0
     theirs = plain.generate(requests)

@@ -433,5 +433,8 @@ class HFBackend(DeclaredPrefixMixin, NextTokenMixin):
         return constraint_for(self.tokenizer, self.eos_ids, int(self.model.config.vocab_size))
 
     def close(self) -> None:
-        """Drop the model so its memory can be freed."""
+        """Drop the model so its memory can be freed (its layers' packed weight copies too, should
+        the caller keep the model)."""
+        if self.model is not None and self.packed_linears:
+            packed_linear_layers.uninstall(self.model)
         self.model = None
