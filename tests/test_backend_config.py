@@ -91,6 +91,19 @@ def test_select_tokens_greedy_and_seeded() -> None:
     assert draws[0][0] == draws[0][1]
 
 
+def test_select_tokens_mixes_greedy_and_sampled_rows() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    temps = [0.0, 0.8, 0.0, 1.2]
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)]
+
+    mixed = select_tokens(logits, temps, [1.0] * 4, gens())
+    sampled = select_tokens(logits, [0.5, 0.8, 0.5, 1.2], [1.0] * 4, gens())
+    assert mixed[0] == logits[0].argmax() and mixed[2] == logits[2].argmax()
+    assert mixed[1] == sampled[1] and mixed[3] == sampled[3]  # a greedy batch-mate changes no draw
+
+
 def test_top_p_partial_sort_equals_full_sort() -> None:
     gen = torch.Generator().manual_seed(3)
     peaked = torch.softmax(torch.randn(4, 5000, generator=gen) * 6, dim=-1)

@@ -9,9 +9,12 @@ kv_heads, ...]``) and a per-sample buffer for the generated tokens (the *suffix*
 The model sees the suffix as its cache; its sequence length (and so the attention mask the model
 builds) counts prefix + suffix, so positions and masks are those of the replicated cache.
 
-:func:`cascade_attention` (called by :func:`~manyways.backends.kv_cache.decode_attention` for one
-query token when the forward gets ``cascade=<the cache>``) computes attention in two parts and
-merges them with the log-sum-exp rule (the idea of Hydragen and FlashInfer's cascade attention):
+:func:`cascade_attention` (called by :func:`~manyways.backends.kv_cache.decode_attention` when the
+forward gets ``cascade=<the cache>``) computes attention in two parts and merges them with the
+log-sum-exp rule (the idea of Hydragen and FlashInfer's cascade attention); a decode step (one
+query token) joins the two parts' scores under one softmax instead (:func:`_decode_step`), on the
+CPU in one call of a fused C kernel (:mod:`manyways.backends.cascade_kernel`; torch ops where it
+cannot run):
 
 - prefix part: the queries of all rows of one prompt are stacked (``[prompts, kv_heads, rows of
   the prompt * group, dim]``) and multiplied with that prompt's keys once, so a decode step reads
@@ -57,6 +60,8 @@ class RowGroups:
         """The groups for rows reading prompts ``prompt_of_row`` (each in ``range(prompts)``, every
         prompt read by at least one row)."""
         members: list[list[int]] = [[] for _ in range(prompts)]
+        if any(not 0 <= prompt < prompts for prompt in prompt_of_row):
+            raise ValueError(f"a row reads a prompt outside range({prompts})")
         for row, prompt in enumerate(prompt_of_row):
             members[prompt].append(row)
         if any(not m for m in members):
@@ -319,6 +324,9 @@ def _decode_step(
     kv_heads, prompts = key.shape[1], layer.prefix_kt.shape[0]
     group = heads // kv_heads
     q = query.to(key.dtype).reshape(rows, kv_heads, group, dim)
+    fused = _fused_decode_step(q, key, value, attention_mask, scale, layer, cache)
+    if fused is not None:
+        return fused.reshape(rows, 1, heads, dim)
     groups = cache.groups
     width = groups.slots.shape[1]
     qp = q if groups.ordered else q.index_select(0, groups.slots.reshape(-1))
@@ -350,6 +358,40 @@ def _decode_step(
         o1 = o1.index_select(0, groups.slot_of_row)
     out = o1.float() + torch.matmul(p2, value).float()
     return out.to(value.dtype).reshape(rows, 1, heads, dim)
+
+
+def _fused_decode_step(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    layer: CascadeLayer,
+    cache: CascadeCache,
+) -> torch.Tensor | None:
+    """:func:`_decode_step` through the fused CPU kernel (:mod:`manyways.backends.cascade_kernel`),
+    ``[rows, kv_heads, group, dim]``; None when the kernel is off or unavailable, or the inputs are
+    not its kind (a GPU, another dtype, more than one torch thread, an additive mask)."""
+    from manyways.backends import cascade_kernel
+
+    keys_t = key.transpose(-1, -2)
+    if not cascade_kernel.enabled() or not cascade_kernel.usable(
+        q, keys_t, value, layer.prefix_kt, layer.prefix_v
+    ):
+        return None
+    suffix_mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+            return None
+        suffix_mask = attention_mask[:, 0, 0, layer.prefix_len :]  # [rows or 1, suffix]
+    lib = cascade_kernel.library()
+    if lib is None:
+        return None
+    prefix_mask = cache.prefix_mask if cache.prefix_padded else None
+    return cascade_kernel.cascade_decode(
+        lib, q, cache.groups.prompt_of_row, layer.prefix_kt, layer.prefix_v, prefix_mask,
+        keys_t, value, suffix_mask, scale,
+    )  # fmt: skip
 
 
 def _suffix_visibility(
