@@ -41,10 +41,13 @@ $(MATH_VERIFY_SDIST): constraints.txt | $(VENV)/.installed
 install: $(VENV)/.installed $(MATH_VERIFY_SDIST)
 
 # System packages: bubblewrap isolates untrusted code (HumanEval). Needs root or sudo.
+# bubblewrap: the code sandbox; a C compiler: the CPU cascade decode kernel (built on first use).
 sysdeps:
-	@command -v bwrap >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq bubblewrap; fi; }
+	@missing=""; command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; fi; fi
 
 demo: install sysdeps
 	$(PY) -m manyways.cli prepare-model
