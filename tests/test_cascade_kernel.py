@@ -192,3 +192,8 @@ def test_built_once_per_source_and_reused(tmp_path) -> None:
 def test_rows_must_read_prompts_of_the_prefix() -> None:
     with pytest.raises(ValueError, match="outside range"):
         RowGroups.of([0, 2], 2, "cpu")
+
+
+def test_kernels_live_under_the_manyways_cache_root(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MANYWAYS_CACHE", str(tmp_path))
+    assert cascade_kernel.kernel_dir() == tmp_path / "kernels"

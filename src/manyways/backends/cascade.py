@@ -375,16 +375,14 @@ def _fused_decode_step(
     from manyways.backends import cascade_kernel
 
     keys_t = key.transpose(-1, -2)
-    if not cascade_kernel.enabled() or not cascade_kernel.usable(
-        q, keys_t, value, layer.prefix_kt, layer.prefix_v
-    ):
+    if not cascade_kernel.usable(q, keys_t, value, layer.prefix_kt, layer.prefix_v):
         return None
     suffix_mask = None
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
             return None
         suffix_mask = attention_mask[:, 0, 0, layer.prefix_len :]  # [rows or 1, suffix]
-    lib = cascade_kernel.library()
+    lib = cascade_kernel.library()  # None when switched off or not buildable
     if lib is None:
         return None
     prefix_mask = cache.prefix_mask if cache.prefix_padded else None

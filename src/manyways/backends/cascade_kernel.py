@@ -46,9 +46,10 @@ def enabled() -> bool:
 
 
 def kernel_dir() -> Path:
-    """Where built kernels are kept (``$MANYWAYS_CACHE/kernels``, default ``~/.cache/manyways``)."""
-    root = os.environ.get("MANYWAYS_CACHE") or str(Path.home() / ".cache" / "manyways")
-    return Path(root) / "kernels"
+    """Where built kernels are kept: ``kernels/`` under the manyways cache root."""
+    from manyways.models import cache_dir
+
+    return cache_dir() / "kernels"
 
 
 def _compiler() -> str | None:
