@@ -3,7 +3,9 @@
 7. ``manyways.stages.midtrain.build_trainer`` (our configuration: bf16 autocast where the CPU has
    it) against a plain TRL ``SFTTrainer`` in fp32 without packing, same model, data and steps,
    ABAB; also each as a fraction of the 6N-FLOP-per-token bound at the measured fp32 and bf16
-   matmul rates. Examples are the polya_v1 exemplar solutions as SFT conversations. A third
+   matmul rates: the run's (best of spaced samples at its start) and, for the target, the bf16
+   rate measured right before each round's run (:func:`paired_bound_shares`, the median of the
+   rounds' shares). Examples are the polya_v1 exemplar solutions as SFT conversations. A third
    variant, interleaved with the two, is our trainer with TRL's own LM head
    (``midtrain.loss_head=trl``): ``loss_head_speedup`` in the details is ours / that (issue 16
    item 3, :mod:`manyways.loss_head`). ``attention_layer`` in the details: one layer's attention,
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bounds import train_tokens_per_s_bound
+from bounds import matmul_rate, train_tokens_per_s_bound
 from common import Figure, interleave, median_spread, meets, ratio_samples
 from transformers import TrainerCallback
 
@@ -206,6 +208,19 @@ def example_lengths(examples: list[dict[str, Any]]) -> list[int]:
     return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
+PAIRED_BOUND_SAMPLES = 4  # bf16 matmul timings before each round's run (the best is its bound)
+
+
+def paired_bound_shares(tokens_per_s: list[float], bf16_rates: list[float], n_params: int) -> list[float]:
+    """Each round's SFT tokens/s as a share of the 6N bound at the bf16 matmul rate measured right
+    before it. On a shared machine a neighbour takes the matmul units for minutes at a time (the
+    same code ran 127 and 210-235 tokens/s on the AMX machine within a day): a share against a bound
+    from another moment measures the neighbour; paired, both sides see the same machine."""
+    if len(tokens_per_s) != len(bf16_rates):
+        raise ValueError(f"{len(tokens_per_s)} rounds of tokens/s but {len(bf16_rates)} bound samples")
+    return [t / train_tokens_per_s_bound(n_params, r) for t, r in zip(tokens_per_s, bf16_rates, strict=True)]
+
+
 def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_params: int) -> Figure:
     """SFT tokens/s, ours / plain TRL fp32, and fractions of the 6N bound."""
     steps, batch = sizes["fig7_steps"], sizes["fig7_batch"]
@@ -215,6 +230,8 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
         work = Path(tmp)
         runs = interleave(
             {
+                # the bf16 matmul rate right before each round's "ours" (paired_bound_shares)
+                "bf16_rate": lambda: matmul_rate("bfloat16", samples=PAIRED_BOUND_SAMPLES, spacing_s=0.25)[0],
                 "ours": lambda: ours_sft(examples, steps, batch, work),
                 "plain": lambda: plain_sft(examples, steps, batch, work),
                 "ours_trl_head": lambda: ours_sft(examples, steps, batch, work, "trl"),
@@ -222,7 +239,9 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
             repeats,
         )
     # first step excluded (optimizer state allocation, oneDNN warm-up)
+    bf16_rates = runs.pop("bf16_rate")
     rate = {k: [per_step / median_spread(t[1:] or t)[0] for t in v] for k, v in runs.items()}
+    paired, paired_spread = median_spread(paired_bound_shares(rate["ours"], bf16_rates, n_params))
     ratio, spread = median_spread(ratio_samples(rate["ours"], rate["plain"]))
     ours = median_spread(rate["ours"])[0]
     head_speedup, head_spread = median_spread(ratio_samples(rate["ours"], rate["ours_trl_head"]))
@@ -233,6 +252,10 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
         "plain_tokens_per_s": median_spread(rate["plain"])[0],
         "ours_fraction_of_fp32_bound": ours / fp32_bound,
         "ours_fraction_of_bf16_bound": ours / bf16_bound,
+        # each round's tokens/s over the bound from the bf16 rate measured right before it
+        "ours_fraction_of_bf16_bound_paired": paired,
+        "ours_fraction_of_bf16_bound_paired_spread": paired_spread,
+        "bf16_rates_paired": bf16_rates,
         "plain_fraction_of_fp32_bound": median_spread(rate["plain"])[0] / fp32_bound,
         "ours_trl_head_tokens_per_s": median_spread(rate["ours_trl_head"])[0],
         "loss_head_speedup": head_speedup,
@@ -242,12 +265,12 @@ def figure_7(repeats: int, sizes: dict[str, int], bounds: dict[str, float], n_pa
         "attention_layer": attention_layer_ms(example_lengths(examples[:batch]), repeats),
         "workload": f"{steps} steps x batch {batch}, {len(examples)} exemplar conversations",
     }
-    met = ratio >= 2 and ours / fp32_bound >= 0.45 and ours / bf16_bound >= 0.15
+    met = ratio >= 2 and ours / fp32_bound >= 0.45 and paired >= 0.15
     return Figure(
         7,
         "SFT tokens/s, midtrain trainer / plain TRL fp32",
         ratio,
-        ">= 2x; >= 45% of fp32 6N bound; >= 15% of bf16 bound",
+        ">= 2x; >= 45% of fp32 6N bound; >= 15% of bf16 bound (paired)",
         met,
         spread,
         "TRL SFTTrainer fp32, no packing",

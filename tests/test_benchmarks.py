@@ -546,6 +546,20 @@ def test_figure_7_trains_at_the_demos_midtrain_batch(repo_root: Path) -> None:
     assert steps >= 2  # the first step is excluded
 
 
+def test_figure_7_share_of_the_bound_pairs_each_round_with_its_own_bound_sample() -> None:
+    """A round run while a neighbour held the matmul units is judged against the rate measured
+    then, not against another moment's: shares follow the rounds' own rates, and rounds without a
+    bound sample are an error."""
+    from bench_train import paired_bound_shares
+
+    n = 135_000_000
+    tokens = [200.0, 100.0, 210.0]
+    rates = [6 * n * 1000.0, 6 * n * 500.0, 6 * n * 1000.0]  # bounds: 1000, 500, 1000 tokens/s
+    assert paired_bound_shares(tokens, rates, n) == pytest.approx([0.2, 0.2, 0.21])
+    with pytest.raises(ValueError, match="2 bound samples"):
+        paired_bound_shares(tokens, rates[:2], n)
+
+
 def test_bounds_are_the_best_of_spaced_samples(monkeypatch) -> None:
     """A bound is the best rate seen, not the median: a contended sample must not lower it."""
     assert bounds.peak_spread([300.0, 900.0, 320.0]) == (900.0, (900.0 - 300.0) / 320.0)
