@@ -224,6 +224,26 @@ def test_next_token_probs_match_one_forward_pass(backend: HFBackend) -> None:
     assert all(len(t) <= 5 and max(t.values()) <= 0 for t in top)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_probs_do_not_depend_on_the_other_conversations(model_and_tokenizer, dtype) -> None:
+    """The score cache computes only its misses, so the batch a trace is judged in depends on what
+    else was cached: a judge score must be the same alone as next to a longer conversation (exactly,
+    or select's choice between close traces would depend on the cache's history)."""
+    import copy
+
+    model, tokenizer = model_and_tokenizer
+    backend = HFBackend(copy.deepcopy(model).to(dtype), tokenizer, model_id="tiny", batch_size=16)
+    short = _msgs(PREFIX_A, "Answer A or B.")
+    longer = _msgs(PREFIX_B, "Is it A or B? " + "Think about the trains and the apples first. " * 12)
+    alone = backend.next_token_probs([short], ["A", "B"])[0]
+    together = backend.next_token_probs([longer, short, longer], ["A", "B"])
+    assert together[1] == alone
+    assert together[0] == together[2] == backend.next_token_probs([longer], ["A", "B"])[0]
+    top_alone = backend.next_token_logprobs([short], 5)[0]
+    assert backend.next_token_logprobs([longer, short], 5)[1] == top_alone
+
+
 # ------------------------------------------------------------- decode cache and attention
 def _cache_pair(store_dtype: torch.dtype | None = None):
     from transformers.cache_utils import DynamicLayer

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JUDGE_PROMPT_VERSION = "adherence-v1"
+# in every judge score cache key; "-exact": scores from before the hf back-end scored each
+# conversation alone on CPU (manyways.backends.hf_next_token) depended on their batch
+JUDGE_PROMPT_VERSION = "adherence-v1-exact"
 JUDGE_SYSTEM = "You are a careful grader of math solutions. Answer with a single word: Yes or No."
 JUDGE_QUESTION = "Does the solution follow this heuristic? Answer Yes or No."
 
