@@ -224,7 +224,6 @@ def test_next_token_probs_match_one_forward_pass(backend: HFBackend) -> None:
     assert all(len(t) <= 5 and max(t.values()) <= 0 for t in top)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_next_token_probs_do_not_depend_on_the_other_conversations(model_and_tokenizer, dtype) -> None:
     """The score cache computes only its misses, so the batch a trace is judged in depends on what

@@ -9,12 +9,12 @@ from forward passes over the conversations. It uses the back-end's model, tokeni
 On CPU each conversation is its own forward pass, unpadded, so its probabilities do not depend on
 which other conversations share the call: the score stage caches scores by content and computes
 only the cache's misses, so with left-padded batches a trace's judge score depended on which
-other traces happened to be missing from the cache (in bf16 the demo's judge gave one trace 0.44
-alone and 0.38 in a batch of 8: enough to change which trace ``select`` keeps, and so the arm's
-numbers between two runs of the same code). It cost ~10% on one thread (24 judge prompts, 1.97
-against 1.80 s, AMX machine, bf16). On CUDA the conversations are left-padded into batches of
-``batch_size`` as before, where batching is most of the speed: there a score can depend on its
-batch at the dtype's rounding.
+other traces happened to be missing from the cache (in bf16 the demo's judge scored one trace
+0.06 apart, 0.38 against 0.44, alone and in a batch of 8: enough to change which trace
+``select`` keeps, and so an arm's numbers between two runs of the same code). It cost ~10% on
+one thread (24 judge prompts, 1.97 against 1.80 s, AMX machine, bf16). On CUDA the
+conversations are left-padded into batches of ``batch_size`` as before, where batching is most
+of the speed: there a score can depend on its batch at the dtype's rounding.
 """
 
 from __future__ import annotations
