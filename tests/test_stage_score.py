@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manyways.artifacts import read_table
-from manyways.config import load_config
+from manyways.config import config_from_dict, load_config
 from manyways.heuristics import load_catalogue
 from manyways.scorers import (
     JudgeScorer,
@@ -100,7 +100,9 @@ def test_reward_model_logit_matches_direct_forward_and_batching(tiny_reward_mode
     batched = RewardModelScorer(str(tiny_reward_model), batch_size=3, dtype="float32").score(items)
     single = RewardModelScorer(str(tiny_reward_model), batch_size=1, dtype="float32")
     one_by_one = single.score(items)
-    assert batched == pytest.approx(one_by_one, abs=1e-4)  # padding does not change a score
+    # exactly: scores are cached by content and only misses computed, so a score must not depend
+    # on which other traces shared its call (off CUDA each is its own forward: batch_invariant_step)
+    assert batched == one_by_one
     assert len(set(round(s, 6) for s in batched)) == len(items)
     text = single.tokenizer.apply_chat_template(reward_model_messages(items[0]), tokenize=False)
     ids = single.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -207,3 +209,51 @@ def test_stage_include_incorrect_scores_incorrect_too(tmp_path: Path, monkeypatc
         "scorer",
         "score",
     ]
+
+
+def test_cached_scores_are_computed_one_trace_per_forward_except_on_cuda():
+    import torch
+
+    from manyways.backends.hf_next_token import batch_invariant_step
+
+    assert batch_invariant_step("cpu", 8) == 1
+    assert batch_invariant_step(torch.device("cpu"), 8) == 1
+    assert batch_invariant_step("cuda", 8) == 8  # batching is most of a GPU's speed
+    assert batch_invariant_step("cuda:1", 3) == 3
+
+
+@pytest.mark.slow
+def test_stage_scores_do_not_depend_on_what_the_cache_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+):
+    """The hf judge (bf16) scoring every attempt from a cold cache, and again after a correct-only
+    score stage filled another cache: there the correct attempts are hits and the incorrect ones are
+    computed without them, in other batches. The tables must be equal, or select's choices would
+    depend on the cache's history."""
+    from manyways.stages import score
+
+    cfg, run_dir = _fake_run(
+        tmp_path,
+        monkeypatch,
+        "score.scorer=judge",
+        "score.backend.kind=hf",
+        "score.backend.dtype=bfloat16",
+        f"score.model={tiny_model_dir}",
+        "score.batch_size=4",
+    )
+    monkeypatch.undo()  # the judge is the tiny model on the hf back-end
+    inputs = {"generate": run_dir / "generate", "verify": run_dir / "verify"}
+
+    def scored(out: str, cache: str, include_incorrect: bool) -> tuple[dict, list]:
+        data = cfg.to_dict()
+        data["score"].update(cache_dir=str(tmp_path / cache), include_incorrect=include_incorrect)
+        c = config_from_dict(data)
+        manifest = score.run(c, run_dir / out, inputs=inputs, show_progress=False)
+        return manifest["counts"], read_table(run_dir / out).to_pylist()
+
+    cold_counts, cold = scored("score_cold", "cold", True)
+    warm_first, _ = scored("score_correct", "warm", False)
+    warm_counts, warm = scored("score_warm", "warm", True)
+    assert cold_counts["cache_hits"] == 0 and warm_counts["cache_hits"] == warm_first["rows"] > 0
+    assert warm_counts["computed"] == cold_counts["rows"] - warm_first["rows"] > 0
+    assert warm == cold

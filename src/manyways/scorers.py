@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # in every judge score cache key; "-exact": scores from before the hf back-end scored each
 # conversation alone on CPU (manyways.backends.hf_next_token) depended on their batch
 JUDGE_PROMPT_VERSION = "adherence-v1-exact"
+# in every reward-model cache key; "exact": scored one trace per forward off CUDA, as the judge
+REWARD_MODEL_SCORING_VERSION = "exact"
 JUDGE_SYSTEM = "You are a careful grader of math solutions. Answer with a single word: Yes or No."
 JUDGE_QUESTION = "Does the solution follow this heuristic? Answer Yes or No."
 
@@ -147,7 +149,7 @@ def judge_identity(backend_kind: str, model: str) -> str:
 
 def reward_model_identity(model: str, max_tokens: int) -> str:
     """Cache identity of a reward model: the model (with its files' digest) and the truncation."""
-    return f"reward_model:{model_identity(model)}:{max_tokens}"
+    return f"reward_model:{REWARD_MODEL_SCORING_VERSION}:{model_identity(model)}:{max_tokens}"
 
 
 class RewardModelScorer:
@@ -199,9 +201,12 @@ class RewardModelScorer:
     def score(self, items: Sequence[ScoreItem]) -> list[float]:
         import torch
 
+        from manyways.backends.hf_next_token import batch_invariant_step
+
         out: list[float] = []
-        for start in range(0, len(items), self.batch_size):
-            encoded = [{"input_ids": self._encode(it)} for it in items[start : start + self.batch_size]]
+        step = batch_invariant_step(self.device, self.batch_size)  # cached scores: see that function
+        for start in range(0, len(items), step):
+            encoded = [{"input_ids": self._encode(it)} for it in items[start : start + step]]
             batch = self.tokenizer.pad(encoded, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 logits = self.model(**batch).logits

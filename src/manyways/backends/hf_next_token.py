@@ -4,7 +4,7 @@
 each option's first token right after the assistant turn opens, renormalised over the options:
 the score stage's adherence judge) and ``next_token_logprobs`` (the likeliest first tokens), both
 from forward passes over the conversations. It uses the back-end's model, tokenizer, ``encode``,
-``_forward``, ``pad_id``, ``device`` and ``batch_size``.
+``_left_pad``, ``_forward``, ``device`` and ``batch_size``.
 
 On CPU each conversation is its own forward pass, unpadded, so its probabilities do not depend on
 which other conversations share the call: the score stage caches scores by content and computes
@@ -15,6 +15,7 @@ other traces happened to be missing from the cache (in bf16 the demo's judge sco
 one thread (24 judge prompts, 1.97 against 1.80 s, AMX machine, bf16). On CUDA the
 conversations are left-padded into batches of ``batch_size`` as before, where batching is most
 of the speed: there a score can depend on its batch at the dtype's rounding.
+:func:`batch_invariant_step` is that rule; the reward-model scorer follows it too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from manyways.backends.protocol import renormalise
 logger = logging.getLogger(__name__)
 
 
+def batch_invariant_step(device: Any, batch_size: int) -> int:
+    """Conversations per forward pass for scores that are cached by content: 1 (unpadded, so a
+    score does not depend on the others in its call) except on CUDA, where ``batch_size``."""
+    return batch_size if torch.device(device).type == "cuda" else 1
+
+
 class NextTokenMixin:
     """Next-token probabilities for :class:`~manyways.backends.hf.HFBackend` (see the module)."""
 
@@ -37,7 +44,7 @@ class NextTokenMixin:
     tokenizer: Any
     device: Any
     batch_size: int
-    pad_id: int
+    _left_pad: Any
 
     def _next_logits(self, messages_list: Sequence[list[dict[str, str]]]) -> torch.Tensor:
         """Next-token logits (float32, [conversations, vocab]) after the assistant turn opens."""
@@ -45,16 +52,11 @@ class NextTokenMixin:
 
         token_lists = [self.encode(m) for m in messages_list]
         out = []
-        step = self.batch_size if torch.device(self.device).type == "cuda" else 1  # see the module doc
+        step = batch_invariant_step(self.device, self.batch_size)
         with torch.inference_mode():
             for start in range(0, len(token_lists), step):
                 chunk = token_lists[start : start + step]
-                width = max(len(t) for t in chunk)
-                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
-                mask = torch.zeros_like(ids)
-                for i, tokens in enumerate(chunk):
-                    ids[i, width - len(tokens) :] = torch.tensor(tokens, device=self.device)
-                    mask[i, width - len(tokens) :] = 1
+                ids, mask = self._left_pad(chunk, max(len(t) for t in chunk))
                 positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
                 cache = DynamicCache(config=self.model.config)
                 out.append(self._forward(ids, mask, positions, cache).float())
