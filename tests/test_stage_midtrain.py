@@ -347,3 +347,71 @@ def test_clipping_multiplies_only_when_it_changes_the_gradients(
     assert len(multiplies) == int(clipping)
     if not clipping:
         assert all(torch.equal(ours_grads[n], grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e6, 1e-3])
+def test_clipping_in_the_fused_optimizer_steps_as_the_multiply_does(
+    tmp_path: Path, tiny_model_dir: Path, max_grad_norm: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the trainer's fused AdamW in place, a clipping step hands the factor to the optimizer
+    (no multiply pass): the weights, the optimizer's moments and the gradients left after the step
+    are transformers' clip-then-step ones up to one float rounding, and the factor is used once."""
+    from transformers import Trainer
+
+    from manyways.models import load_tokenizer
+    from manyways.stages import midtrain
+
+    examples, _ = midtrain.to_prompt_completion([sft_row(3), sft_row(12345)])
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, f"midtrain.trl.max_grad_norm={max_grad_norm}")
+    trainer = midtrain.build_trainer(cfg, tmp_path / "mt", examples, load_tokenizer(str(tiny_model_dir)))
+    model = trainer.model
+    trainer.compute_loss(
+        model, trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    ).backward()
+    start = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    multiplies = []
+    inner = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: multiplies.append(1) or inner(*a, **k)
+    )
+
+    def step(clip: Any) -> tuple[Any, dict[str, tuple[torch.Tensor, ...]]]:
+        for name, p in model.named_parameters():
+            p.data.copy_(start[name][0])
+            p.grad = start[name][1].clone()
+        trainer.optimizer = None
+        optimizer = trainer.create_optimizer()
+        assert all(g["fused"] for g in optimizer.param_groups)
+        norm = clip(model)
+        optimizer.step()
+        assert getattr(optimizer, "grad_scale", None) is None  # consumed by this step only
+        state = optimizer.state
+        return norm, {
+            n: (
+                p.detach().clone(),
+                p.grad.clone(),
+                state[p]["exp_avg"].clone(),
+                state[p]["exp_avg_sq"].clone(),
+            )
+            for n, p in model.named_parameters()
+        }
+
+    ours_norm, ours = step(trainer._clip_grad_norm)
+    assert multiplies == []  # clipping or not, no multiply pass
+    theirs_norm, theirs = step(lambda m: Trainer._clip_grad_norm(trainer, m))
+    assert torch.equal(ours_norm, theirs_norm)
+    clipping = ours_norm.item() > max_grad_norm
+    assert clipping == (max_grad_norm < 1)
+    for name in ours:
+        for what, a, b in zip(
+            ("weight", "grad", "exp_avg", "exp_avg_sq"), ours[name], theirs[name], strict=True
+        ):
+            if clipping:
+                # a few float32 roundings, relative to the element or to the tensor's largest
+                eps = torch.finfo(torch.float32).eps
+                scale = b.abs().max().item()
+                torch.testing.assert_close(a, b, rtol=8 * eps, atol=eps * scale, msg=f"{name} {what}")
+            else:
+                assert torch.equal(a, b), f"{name} {what}"
+    if clipping:  # the gradients were clipped: not the ones the backward left
+        assert any(not torch.equal(ours[n][1], start[n][1]) for n in ours)

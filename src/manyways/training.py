@@ -20,7 +20,15 @@ written, is not needed).
 Gradient clipping on CPU (:func:`clip_only_when_needed`): torch's ``clip_grad_norm_`` always
 multiplies every gradient by ``min(1, max_norm / (norm + 1e-6))``, to spare a GPU a host sync; on
 CPU there is no sync to spare, and the multiply by 1 (a read and a write of every gradient, 3% of an
-SFT step of the 135M default on the AMX machine) is skipped. The result is bitwise the same.
+SFT step of the 135M default on the AMX machine) is skipped: bitwise the same result. When it does
+clip and the optimizer is torch's fused Adam/AdamW (transformers' default ``adamw_torch_fused``),
+the factor goes to the optimizer instead, as the ``grad_scale`` that ``torch.amp.GradScaler`` hands
+it: the fused kernel divides each gradient by ``1 / factor`` as it reads it for the update and
+writes the clipped gradient back, so the separate multiply pass over every gradient (38 ms of a
+GRPO step of the 135M default, ``benchmarks/bench_train.py`` figure 8) is gone. The update and the
+gradients left afterwards equal the multiply path's up to that one rounding (a division by the
+reciprocal instead of a multiplication; tested); between the clip and the optimizer step, a
+callback's ``on_pre_optimizer_step`` sees the gradients not yet clipped.
 
 Fault injection for tests: ``MANYWAYS_FAULT_BEFORE_MARKER=N`` SIGKILLs the process in ``on_save``
 of step N, after the checkpoint files exist but before the marker.
@@ -276,11 +284,50 @@ def clip_only_when_needed(trainer: Any) -> bool:
             return inner(model)
         max_norm = float(trainer.args.max_grad_norm)
         total = torch.nn.utils.get_total_norm(grads)  # clip_grad_norm_'s own norm (2, foreach)
-        if not bool(torch.clamp(max_norm / (total + 1e-6), max=1.0) == 1.0):  # NaN multiplies too
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grads_with_norm_'s
+        if bool(factor == 1.0):  # NaN clips too (and spreads NaN, as torch does)
+            return total
+        if not _clip_in_optimizer(trainer.optimizer, params, factor):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
     trainer._clip_grad_norm = clip
+    return True
+
+
+_ONE_SHOT = "_manyways_grad_scale_once"
+
+
+def _clip_in_optimizer(optimizer: Any, params: list[Any], factor: Any) -> bool:
+    """Hand the clip ``factor`` to ``optimizer``'s next step as its ``grad_scale`` (module doc);
+    False (nothing done) unless it is torch's Adam/AdamW, fused in every group, updating exactly
+    ``params`` with fp32 gradients, and no ``GradScaler`` is using the attribute."""
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if type(inner) not in (torch.optim.Adam, torch.optim.AdamW) or not getattr(
+        inner, "_step_supports_amp_scaling", False
+    ):
+        return False
+    if not all(group.get("fused") for group in inner.param_groups):
+        return False
+    if getattr(inner, "grad_scale", None) is not None or getattr(inner, "found_inf", None) is not None:
+        return False  # a GradScaler's, or ours not yet consumed
+    owned = {id(p) for group in inner.param_groups for p in group["params"]}
+    if any(id(p) not in owned or p.grad.dtype != torch.float32 for p in params):
+        return False
+    if not getattr(inner.step, _ONE_SHOT, False):
+        step = inner.step
+
+        def step_once(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return step(*args, **kwargs)
+            finally:
+                inner.__dict__.pop("grad_scale", None)  # this step's factor only
+
+        setattr(step_once, _ONE_SHOT, True)
+        inner.step = step_once
+    inner.grad_scale = (1.0 / factor).to(torch.float32)  # the kernel divides by it
     return True
 
 
