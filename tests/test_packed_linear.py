@@ -88,8 +88,8 @@ def test_grpo_generation_under_autocast_packs_once_per_call_and_matches_autocast
     tiny_model_dir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TRL's generation with the trained fp32 model under CPU bf16 autocast: the wrapped
-    ``generate`` casts and packs each linear weight once per call, gives autocast's tokens (greedy
-    and seeded sampling), and leaves no packed copy or wrapper behind for the optimizer step."""
+    ``generate`` casts and packs each linear weight once per call (anew at every call), gives
+    autocast's tokens (greedy and seeded sampling) and leaves the trained weights in fp32."""
     from manyways.training import cache_casts_during_generation
 
     model, _ = spread_model(tiny_model_dir)
@@ -114,5 +114,58 @@ def test_grpo_generation_under_autocast_packs_once_per_call_and_matches_autocast
     assert [run(False), run(True)] == expected
     assert len(set(expected[0][6:])) > 1  # the greedy continuation is not one repeated token
     assert len(packs) == 2 * len(linears)  # each weight once per generate call, not per step
-    assert all("forward" not in m.__dict__ and not hasattr(m, "_manyways_packed") for m in linears)
     assert all(m.weight.dtype == torch.float32 for m in linears)  # the trained weights untouched
+
+
+def _batch_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """A training forward's loss under bf16 autocast, as the trainer runs it (padded rows)."""
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_forward_reuses_generations_copies_bitwise_until_the_optimizer_steps(
+    tiny_model_dir, fused: bool
+) -> None:
+    """GRPO on CPU: after a generation, the training forward and backward run from the bf16
+    copies generation made (no cast of any linear weight), with bitwise autocast's loss and
+    gradients; an optimizer step (fused AdamW too, which leaves the version counters alone) drops
+    the copies, so the next forward casts the new weights, and the next generation makes them anew."""
+    from manyways.training import cache_casts_during_generation
+
+    ours, _ = spread_model(tiny_model_dir)
+    plain, _ = spread_model(tiny_model_dir)  # the same weights, no wrapping
+    linears = [m for m in ours.modules() if type(m) is torch.nn.Linear]
+    assert cache_casts_during_generation(ours, bf16=True)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 8], [4, 4, 6, 11, 3, 9, 2, 12]])
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused) for m in (ours, plain)]
+    for step in range(2):
+        with torch.no_grad():
+            ours.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3)
+        assert all(packed_linear.cached_copies(m) is not None for m in linears)
+        with torch.profiler.profile(record_shapes=True) as prof:  # the forward only
+            loss = _batch_loss(ours, ids)
+        loss.backward()
+        shapes = [list(m.weight.shape) for m in linears]
+        casts = [
+            e
+            for e in prof.events()
+            if e.name == "aten::_to_copy" and e.input_shapes[:1] in ([s] for s in shapes)
+        ]
+        reference = _batch_loss(plain, ids)
+        reference.backward()
+        assert torch.equal(loss, reference), step
+        for (name, a), b in zip(ours.named_parameters(), plain.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), (step, name)
+        assert casts == []  # no weight cast in the forward
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+        assert all(packed_linear.cached_copies(m) is None for m in linears)
+        for a, b in zip(ours.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(a, b)
+    # after the step and before a generation: the layers' own forward (autocast casts), same loss
+    assert torch.equal(_batch_loss(ours, ids), _batch_loss(plain, ids))

@@ -224,16 +224,18 @@ def keep_cpu_allocations(enabled: bool = True) -> bool:
 
 
 def cache_casts_during_generation(model: Any, bf16: bool) -> bool:
-    """Run ``model.generate`` inside one bf16 autocast region (CPU with bf16 autocast only).
+    """Run ``model.generate`` inside one bf16 autocast region, with the linear layers' bf16
+    weights cast and packed once and kept for the training forward (CPU with bf16 autocast only).
 
     accelerate wraps a prepared model's ``forward`` in an autocast region of its own, and autocast
     forgets its weight casts when the outermost region exits, so TRL's GRPO generation on CPU
     recast every fp32 weight to bf16 at every decode step (``copy_`` was 53% of a GRPO step's CPU
-    time: ``benchmarks/profile_figure.py 8``). Inside one outer region each weight is cast once
-    per ``generate`` call; the casts are dropped when it returns, before the optimizer changes the
-    weights. The linear layers' weights are also packed once per call for oneDNN
-    (:func:`manyways.backends.packed_linear.packed_during`), which torch's bf16 linear would
-    otherwise do on every decode step. Returns whether it wrapped ``generate``.
+    time: ``benchmarks/profile_figure.py 8``). Inside one outer region each weight is cast once.
+    The linear layers' weights are also packed once for oneDNN, which torch's bf16 linear would
+    otherwise do on every decode step, and both copies are kept until the next optimizer step, so
+    the training forward of the same step reuses them instead of casting every weight again
+    (:func:`manyways.backends.packed_linear.install` with ``for_training``: bitwise the same
+    outputs and gradients). Each call makes them anew. Returns whether it wrapped ``generate``.
     """
     import functools
 
@@ -243,13 +245,15 @@ def cache_casts_during_generation(model: Any, bf16: bool) -> bool:
         return False
     inner = model.generate
 
-    from manyways.backends.packed_linear import packed_during
+    from manyways.backends.packed_linear import drop_copies, drop_copies_on_optimizer_step, install
+
+    install(model, for_training=True)
+    drop_copies_on_optimizer_step(model)  # fused AdamW leaves the version counters as they were
 
     @functools.wraps(inner)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        # each linear weight cast to bf16 and packed for oneDNN once per call (bitwise autocast's
-        # result; manyways.backends.packed_linear)
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16), packed_during(model):
+        drop_copies(model)  # made again from the weights of this moment
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             return inner(*args, **kwargs)
 
     generate._manyways_cached = True  # type: ignore[attr-defined]
