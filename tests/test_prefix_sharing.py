@@ -75,6 +75,11 @@ def test_shared_prefix_gives_the_plain_log_probs_and_gradients(
         tmp_path / "a", tiny_model_dir, bf16, "auto", shared_prefix=True, stats=stats, **extra
     )
     plain = grpo_trainer(tmp_path / "b", tiny_model_dir, bf16, "auto", **extra)
+    if attn == "sdpa" and not checkpointing:
+        # the packed groups run eager attention's arithmetic on CPU (small_attention_forward):
+        # the reference runs it too, so that only the packing differs (sdpa's kernel keeps the
+        # probabilities in fp32: in bf16 that alone moved the log-probs by 1.4e-3 relative here)
+        plain.model.config._attn_implementation = "eager"
     if lora:
         for trainer in (shared, plain):
             torch.manual_seed(1)
@@ -161,3 +166,89 @@ def test_dropout_active_sees_training_mode_dropout_only(tiny_model_dir: Path) ->
     assert prefix_sharing.dropout_active(model)
     model.model.layers[0].mlp.drop.p = 0.0
     assert not prefix_sharing.dropout_active(model)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "length"), [(9, 3, 37), (4, 4, 20), (8, 2, 64)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_small_attention_is_eager_attention(heads: int, kv_heads: int, length: int, autocast: bool) -> None:
+    """The packed forward's CPU attention gives transformers' eager attention's outputs bit for bit
+    and its gradients up to summation order (bit for bit without grouped query heads); a boolean
+    or an additive mask, fp32 or bf16."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    class Module:
+        num_key_value_groups = heads // kv_heads
+        training = False
+
+    gen = torch.Generator().manual_seed(length)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    base = [torch.randn(2, h, length, 16, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads)]
+    allowed = (torch.rand(2, 1, length, length, generator=gen) > 0.3) | torch.eye(length, dtype=torch.bool)
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    grad = torch.randn(2, length, heads, 16, generator=gen).to(dtype)
+
+    def run(fn: Any, mask: torch.Tensor) -> list[torch.Tensor]:
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = fn(Module(), q, k, v, mask, scaling=0.25)
+        out.backward(grad)
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    expected = run(eager_attention_forward, additive)
+    for mask in (additive, allowed):
+        out, *grads = run(prefix_sharing.small_attention_forward, mask)
+        assert out.dtype == expected[0].dtype and torch.equal(out, expected[0])
+        # the key/value gradients sum a group's query heads inside one product (fp32 accumulation)
+        # where repeat_kv's backward adds the heads' products in the tensor's dtype: the same up to
+        # that rounding (fp32: torch's default tolerance; bf16: a bf16 step at the tensor's scale)
+        for ours, theirs in zip(grads, expected[1:], strict=True):
+            assert ours.dtype == theirs.dtype
+            if dtype == torch.bfloat16:
+                step = 2**-7
+                torch.testing.assert_close(ours, theirs, rtol=step, atol=step * theirs.abs().max().item())
+            else:
+                torch.testing.assert_close(ours, theirs)
+            if heads == kv_heads:
+                assert torch.equal(ours, theirs)
+
+
+def test_packed_forward_runs_small_attention_on_cpu_sdpa_only_where_it_is_faster(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``sdpa`` on CPU the packed groups run small_attention_forward, and the model's own
+    implementation is back afterwards; a group over SMALL_ATTENTION_ELEMENTS scores, gradient
+    checkpointing, or an ``eager`` model keep the model's attention."""
+    from transformers import AutoModelForCausalLM
+
+    calls: list[int] = []
+    inner = prefix_sharing.small_attention_forward
+    monkeypatch.setattr(
+        prefix_sharing, "small_attention_forward", lambda *a, **k: calls.append(1) or inner(*a, **k)
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    ids, mask = grpo_batch(model.config.vocab_size)
+    labels = ids.clone()
+    labels[:, : WIDTH - KEEP] = -100
+    labels[mask == 0] = -100
+
+    def forward(attn: str = "sdpa") -> int:
+        calls.clear()
+        packed = pack_groups(ids, mask, labels, attn)
+        assert packed is not None
+        prefix_sharing.shared_prefix_hidden(model.model, packed)
+        assert model.config._attn_implementation == attn
+        return len(calls)
+
+    layers = model.config.num_hidden_layers
+    assert forward() == layers
+    monkeypatch.setattr(prefix_sharing, "SMALL_ATTENTION_ELEMENTS", 100)
+    assert forward() == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        prefix_sharing, "small_attention_forward", lambda *a, **k: calls.append(1) or inner(*a, **k)
+    )
+    model.gradient_checkpointing_enable()
+    assert forward() == 0
+    model.gradient_checkpointing_disable()
+    model.config._attn_implementation = "eager"
+    assert forward("eager") == 0

@@ -24,6 +24,19 @@ tokens; there the prompt is a small part of each row anyway), or dropout active 
 (:func:`dropout_active`: LoRA's default ``lora.dropout: 0.05``; packed, the group's completions
 would share one dropout draw over the prompt where the plain forward draws one per copy, so
 ``rl.lora.dropout: 0`` is what lets a LoRA run pack).
+
+Attention of the packed forward on CPU: torch's CPU flash kernel (what ``sdpa`` runs) is slow on
+short sequences: at the demo's packed groups (~230 tokens, 9 query and 3 key/value heads of 64)
+its forward and backward took 4.3-4.6 ms a layer against 2.4-2.9 ms for the plain product
+attention, 1.2-3x faster up to ~400 tokens and slower from ~500 (``benchmarks`` figure 8 notes).
+So where the model runs ``sdpa`` on CPU and a packed group is at most
+:data:`SMALL_ATTENTION_ELEMENTS` scores (query heads x length^2), the packed forward runs
+:func:`small_attention_forward`: transformers' eager attention (scores in bf16 under autocast,
+the additive mask, softmax in fp32, probabilities back to bf16) with each key/value head's query
+heads batched together instead of copying the keys and values per query head. Its outputs are
+eager attention's (tested); against ``sdpa`` they differ by bf16 rounding, as any two attention
+kernels do. Not with gradient checkpointing (the recomputed layers would run the model's own
+attention).
 """
 
 from __future__ import annotations
@@ -33,6 +46,10 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+SMALL_ATTENTION = "manyways_small_attention"  # registered with transformers' AttentionInterface
+# query heads x length^2 of a packed group up to which small_attention_forward runs on CPU
+# (9 heads: up to 482 tokens; it was 1.2-3x faster than sdpa to ~400 tokens, even at ~500)
+SMALL_ATTENTION_ELEMENTS = 2**21
 # the packed batch's dense mask, groups x length^2: above this the plain forward runs (at 3K-token
 # completions a group of 8 would be a 25K-long sequence; its mask alone 600M elements, and SDPA
 # with a mask computes every masked score, so packing would cost more attention than it saves)
@@ -146,15 +163,82 @@ def _pack(
     )
 
 
+def small_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' ``eager_attention_forward`` without ``repeat_kv``'s copies: the query heads
+    that share a key/value head are one batch of rows against it. ``attention_mask``: additive
+    (float) or boolean (True: attend), ``[batch, 1, q, k]``. No dropout (the packed forward runs
+    only without it). Returns ``([batch, q, heads, dim], None)`` as transformers' attention
+    functions do."""
+    if dropout:
+        raise ValueError("small_attention_forward has no dropout")
+    batch, heads, length, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * length, dim), key.transpose(2, 3))
+    scores = scores.view(batch, kv_heads, group, length, keys) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(
+                attention_mask.shape, dtype=torch.float32, device=query.device
+            ).masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+        scores = scores + attention_mask[:, :, None, :, :keys]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, group * length, keys), value)
+    return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def _register_small_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers before the attention interface: the model's own attention
+        return False
+    AttentionInterface.register(SMALL_ATTENTION, small_attention_forward)
+    return True
+
+
+def _use_small_attention(backbone: torch.nn.Module, packed: PackedBatch) -> bool:
+    config = getattr(backbone, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if packed.input_ids.device.type != "cpu" or getattr(backbone, "is_gradient_checkpointing", False):
+        return False
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    length = packed.input_ids.shape[1]
+    return 0 < heads * length * length <= SMALL_ATTENTION_ELEMENTS and _register_small_attention()
+
+
 def shared_prefix_hidden(backbone: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
     """The backbone's last hidden states over the packed groups, in TRL's ``[rows, columns, H]``
-    layout (zeros at the positions the plain forward computes on padding; no label reads them)."""
-    hidden = backbone(
-        input_ids=packed.input_ids,
-        attention_mask=packed.attention_mask,
-        position_ids=packed.position_ids,
-        use_cache=False,
-    ).last_hidden_state
+    layout (zeros at the positions the plain forward computes on padding; no label reads them).
+    Short groups on CPU under ``sdpa`` run :func:`small_attention_forward` (module doc)."""
+    small = _use_small_attention(backbone, packed)
+    config = getattr(backbone, "config", None)
+    mask = packed.attention_mask
+    if small:
+        config._attn_implementation = SMALL_ATTENTION  # type: ignore[union-attr]
+        if mask.dtype == torch.bool:  # additive once, not in every layer
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min
+            )
+    try:
+        hidden = backbone(
+            input_ids=packed.input_ids,
+            attention_mask=mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+    finally:
+        if small:
+            config._attn_implementation = "sdpa"  # type: ignore[union-attr]
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])
     return flat[packed.gather]
