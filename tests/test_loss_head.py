@@ -98,6 +98,41 @@ def test_kept_and_recomputed_logits_give_the_same_gradients() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("row_chunks", [1, 3])
+def test_weight_gradient_by_vocabulary_chunks_is_the_whole_product(
+    monkeypatch: pytest.MonkeyPatch, row_chunks: int
+) -> None:
+    """The head's weight gradient written VOCAB_CHUNK vocabulary rows at a time (over one and over
+    several row chunks) is bitwise the whole bf16 product cast to fp32 and summed over row chunks."""
+    from manyways import loss_head
+
+    gen = torch.Generator().manual_seed(1)
+    gz = [torch.randn(40, 5000, generator=gen).to(torch.bfloat16) for _ in range(row_chunks)]
+    h = [torch.randn(40, 64, generator=gen).to(torch.bfloat16) for _ in range(row_chunks)]
+    whole = (gz[0].t() @ h[0]).float()
+    for g, x in zip(gz[1:], h[1:], strict=True):
+        whole.add_(g.t() @ x)
+    monkeypatch.setattr(loss_head, "VOCAB_CHUNK", 1536)  # 4 chunks, the last one short
+    out = torch.full((5000, 64), float("nan"))
+    for i, (g, x) in enumerate(zip(gz, h, strict=True)):
+        loss_head._add_weight_grad(out, g, x, first=i == 0)
+    assert torch.equal(out, whole)
+
+
+def test_a_ready_bf16_cast_of_the_weight_gives_the_same_outputs_and_gradients() -> None:
+    """GRPO's generation hands the head its bf16 copy of the weight: bitwise what casting it gives."""
+    h, w, t = head_inputs()
+
+    def with_cast(h_: torch.Tensor, w_: torch.Tensor) -> Any:
+        cast = w_.detach().to(torch.bfloat16)
+        return CompletionLogProbs.apply(h_, w_, t, 1.0, True, True, 60 * 5000, 2**30, cast)
+
+    for a, b in zip(
+        run_head(with_cast, h, w, True), run_head(ours(t, 1.0, 60 * 5000), h, w, True), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
 def test_no_rows_gives_zero_gradients() -> None:
     h, w, t = head_inputs(n=0)
     logp, ent, top1, gh, gw = run_head(ours(t, 1.0), h, w, autocast=True)

@@ -134,6 +134,7 @@ def test_training_forward_reuses_generations_copies_bitwise_until_the_optimizer_
     copies generation made (no cast of any linear weight), with bitwise autocast's loss and
     gradients; an optimizer step (fused AdamW too, which leaves the version counters alone) drops
     the copies, so the next forward casts the new weights, and the next generation makes them anew."""
+    from manyways.loss_head import _generation_cast
     from manyways.training import cache_casts_during_generation
 
     ours, _ = spread_model(tiny_model_dir)
@@ -146,6 +147,9 @@ def test_training_forward_reuses_generations_copies_bitwise_until_the_optimizer_
         with torch.no_grad():
             ours.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3)
         assert all(packed_linear.cached_copies(m) is not None for m in linears)
+        # the completion loss head takes the LM head's copy (tied to the embedding here)
+        head_cast = _generation_cast(ours)
+        assert head_cast is not None and torch.equal(head_cast, ours.lm_head.weight.to(torch.bfloat16))
         with torch.profiler.profile(record_shapes=True) as prof:  # the forward only
             loss = _batch_loss(ours, ids)
         loss.backward()
@@ -165,6 +169,7 @@ def test_training_forward_reuses_generations_copies_bitwise_until_the_optimizer_
             opt.step()
             opt.zero_grad()
         assert all(packed_linear.cached_copies(m) is None for m in linears)
+        assert _generation_cast(ours) is None
         for a, b in zip(ours.parameters(), plain.parameters(), strict=True):
             assert torch.equal(a, b)
     # after the step and before a generation: the layers' own forward (autocast casts), same loss

@@ -12,13 +12,15 @@ contract (same output fields, zeros where the label is ``-100``) and
 
 - scores only the positions whose next-token label is not ``-100`` (compacted rows);
 - casts the head weight to the compute dtype once per forward (bf16 under bf16 autocast, else the
-  weights' dtype) and reuses that copy in the backward;
+  weights' dtype) and reuses that copy in the backward; in GRPO on CPU it takes the bf16 copy that
+  generation made of the same weights instead (:mod:`manyways.backends.packed_linear`);
 - projects rows in chunks of about ``chunk_elements`` logits, each a bf16 matmul (oneDNN
   accumulates in fp32 and rounds the logits to bf16, as TRL's CPU path and a plain autocast head
   do), with the log-softmax, entropy and top-1 computed in fp32;
 - keeps the bf16 logits for the backward while they fit in ``keep_logits_bytes`` (else recomputes
   them: the same matmul, the same values), and runs the backward's two matmuls in bf16 with fp32
-  accumulation inside each matmul (the weight gradient summed over row chunks in fp32).
+  accumulation inside each matmul (the weight gradient summed over row chunks in fp32, and
+  written a few thousand vocabulary rows at a time: no vocabulary-sized bf16 temporary).
 
 Non-fused calls (generation, evaluation) go to the original forward untouched; models the head
 does not cover (a bias or a LoRA layer on the LM head, logit scaling or soft-capping, sharded
@@ -98,6 +100,7 @@ class CompletionLogProbs(torch.autograd.Function):
         want_top1: bool,
         chunk_elements: int,
         keep_logits_bytes: int,
+        cast: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         ctx.set_materialize_grads(False)
         dtype = _compute_dtype(hidden, weight)
@@ -107,7 +110,8 @@ class CompletionLogProbs(torch.autograd.Function):
         out = {k: torch.empty(n, dtype=torch.float32, device=hidden.device) for k in ("lse", "logp", "ent")}
         top1 = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_top1 else None
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            # generation's bf16 copy of these very weights, where it made one (packed_linear)
+            w = cast if cast is not None and cast.dtype == dtype else weight.to(dtype)
             kept = []
             for a in range(0, n, rows):
                 b = min(a + rows, n)
@@ -131,7 +135,7 @@ class CompletionLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
         if g_logp is None and g_ent is None:
-            return (None,) * 8
+            return (None,) * 9
         with torch.autocast(hidden.device.type, enabled=False):
             for i, a in enumerate(range(0, n, rows)):
                 b = min(a + rows, n)
@@ -152,14 +156,31 @@ class CompletionLogProbs(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[a:b] = gz @ w
                 if need_weight:
-                    part = gz.t() @ h
-                    grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
+                    first = grad_weight is None
+                    if first:
+                        grad_weight = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+                    _add_weight_grad(grad_weight, gz, h, first)
         ctx.kept = None
         if need_weight and grad_weight is None:  # no rows: a zero gradient, still connected
             grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+VOCAB_CHUNK = 4096  # vocabulary rows of the head's weight gradient computed at a time
+
+
+def _add_weight_grad(out: torch.Tensor, gz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """``out`` (fp32 ``[V, H]``) = or += ``gz.T @ h`` (bf16), :data:`VOCAB_CHUNK` vocabulary rows at
+    a time: the same products and roundings as the whole ``[V, H]`` bf16 product cast to fp32
+    (tested), without that 57 MB bf16 temporary (at a 49K x 576 head) in every backward."""
+    for v in range(0, out.shape[0], VOCAB_CHUNK):
+        part = gz[:, v : v + VOCAB_CHUNK].t() @ h
+        if first:
+            out[v : v + VOCAB_CHUNK].copy_(part)
+        else:
+            out[v : v + VOCAB_CHUNK].add_(part)
 
 
 def _fold(
@@ -247,6 +268,15 @@ def _head_weight(model: Any) -> torch.Tensor | None:
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):  # e.g. a sharded DTensor
         return None
     return weight
+
+
+def _generation_cast(model: Any) -> torch.Tensor | None:
+    """The bf16 copy of the head's weight that GRPO's generation made and kept for the training
+    forward (:mod:`manyways.backends.packed_linear`, ``for_training``), if it is still current."""
+    from manyways.backends.packed_linear import cached_copies
+
+    copies = cached_copies(model.get_output_embeddings())
+    return None if copies is None else copies[0]
 
 
 def install_completion_head(
@@ -376,6 +406,7 @@ def _completion_forward(
         options["want_top1"],
         options["chunk_elements"],
         options["keep_logits_bytes"] if training else 0,  # nothing to keep without a backward
+        _generation_cast(model),
     )
 
     def spread(x: torch.Tensor | None) -> torch.Tensor | None:
