@@ -20,7 +20,9 @@ contract (same output fields, zeros where the label is ``-100``) and
 - keeps the bf16 logits for the backward while they fit in ``keep_logits_bytes`` (else recomputes
   them: the same matmul, the same values), and runs the backward's two matmuls in bf16 with fp32
   accumulation inside each matmul (the weight gradient summed over row chunks in fp32, and
-  written a few thousand vocabulary rows at a time: no vocabulary-sized bf16 temporary).
+  written a few thousand vocabulary rows at a time: no vocabulary-sized bf16 temporary);
+- with tied embeddings, has the input embedding's gradient rows added into the head's gradient
+  buffer rather than into a vocabulary-sized matrix of their own (:mod:`manyways.tied_embedding`).
 
 Non-fused calls (generation, evaluation) go to the original forward untouched; models the head
 does not cover (a bias or a LoRA layer on the LM head, logit scaling or soft-capping, sharded
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 
 from manyways.prefix_sharing import dropout_active, pack_groups, shared_prefix_hidden
+from manyways.tied_embedding import Handoff, tied_embedding
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class CompletionLogProbs(torch.autograd.Function):
         chunk_elements: int,
         keep_logits_bytes: int,
         cast: torch.Tensor | None = None,
+        handoff: Handoff | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         ctx.set_materialize_grads(False)
         dtype = _compute_dtype(hidden, weight)
@@ -121,6 +125,7 @@ class CompletionLogProbs(torch.autograd.Function):
                     kept.append(logits)
         ctx.save_for_backward(hidden, w, targets, out["lse"], out["ent"])
         ctx.kept, ctx.rows, ctx.inv_t, ctx.weight_dtype = kept if keep else None, rows, inv_t, weight.dtype
+        ctx.handoff = handoff
         if top1 is not None:
             ctx.mark_non_differentiable(top1)
         return out["logp"], out["ent"] if want_entropy else None, top1
@@ -135,7 +140,7 @@ class CompletionLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
         if g_logp is None and g_ent is None:
-            return (None,) * 9
+            return (None,) * 10
         with torch.autocast(hidden.device.type, enabled=False):
             for i, a in enumerate(range(0, n, rows)):
                 b = min(a + rows, n)
@@ -165,7 +170,10 @@ class CompletionLogProbs(torch.autograd.Function):
             grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        handoff, ctx.handoff = ctx.handoff, None
+        if grad_weight is not None and handoff is not None and handoff.embedding_ran:
+            handoff.grad, grad_weight = grad_weight, None  # the tied embedding's backward returns it
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 VOCAB_CHUNK = 4096  # vocabulary rows of the head's weight gradient computed at a time
@@ -380,10 +388,11 @@ def _completion_forward(
             stats[unshared] = stats.get(unshared, 0) + 1
         stats["positions"] += packed.computed if packed is not None else kwargs["input_ids"].numel()
         stats["plain_positions"] += kwargs["input_ids"].numel()
-    if packed is not None:
-        hidden = shared_prefix_hidden(model.base_model, packed)
-    else:
-        hidden = model.base_model(**kwargs).last_hidden_state
+    with tied_embedding(model, weight) as handoff:  # its gradient into the head's buffer
+        if packed is not None:
+            hidden = shared_prefix_hidden(model.base_model, packed)
+        else:
+            hidden = model.base_model(**kwargs).last_hidden_state
     if shift_labels is None:
         hidden, labels = hidden[:, :-1], labels[:, 1:]  # type: ignore[index]
     else:
@@ -407,6 +416,7 @@ def _completion_forward(
         options["chunk_elements"],
         options["keep_logits_bytes"] if training else 0,  # nothing to keep without a backward
         _generation_cast(model),
+        handoff,
     )
 
     def spread(x: torch.Tensor | None) -> torch.Tensor | None:
