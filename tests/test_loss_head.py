@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from manyways.config import load_config
 from manyways.loss_head import CompletionLogProbs, install_completion_head, use_loss_head
+from manyways.prefix_sharing import bucket_length
 
 BF16_GRAD_RTOL = 1e-2
 FP32_GRAD_RTOL = 1e-4
@@ -398,8 +399,9 @@ def test_sft_step_scores_only_the_completion(
     trainer.train()
     vocab = trainer.model.config.vocab_size
     assert len(needed) == 1 and 0 < needed[0] < all_positions[0]
-    if head == "auto":  # CPU: the completion head, logits of the completion tokens only, once
-        assert forward.elements == needed[0] * vocab and backward.elements == 0
+    if head == "auto":  # CPU: the completion head, logits of the completion tokens only (zero rows
+        # up to a bucket: prefix_sharing.bucket_length), once
+        assert forward.elements == bucket_length(needed[0]) * vocab and backward.elements == 0
     else:  # TRL's CPU head: every position, recomputed in the backward
         assert forward.elements == all_positions[0] * vocab == backward.elements
 
@@ -445,7 +447,7 @@ def test_grpo_step_scores_only_the_completion(
     trainer.train()
     vocab = trainer.model.config.vocab_size
     assert len(needed) == 1 and needed[0] > 0
-    assert forward.elements == needed[0] * vocab and backward.elements == 0
+    assert forward.elements == bucket_length(needed[0]) * vocab and backward.elements == 0
     # rl.shared_prefix (default): the group's 4 rows shared one prompt, computed once
     stats = trainer.manyways_forward_stats
     assert stats["forwards"] >= 1 and stats["shared"] == stats["forwards"]

@@ -10,7 +10,9 @@ in the backward, and runs both gradient matmuls of the head in fp32 (its bf16-in
 is CUDA-only). :func:`install_completion_head` wraps that forward with one that keeps TRL's
 contract (same output fields, zeros where the label is ``-100``) and
 
-- scores only the positions whose next-token label is not ``-100`` (compacted rows);
+- scores only the positions whose next-token label is not ``-100`` (compacted rows; on CPU
+  padded with zero rows to :func:`~manyways.prefix_sharing.bucket_length`, so that oneDNN reuses
+  its per-shape kernels from step to step; the padding's outputs are dropped);
 - casts the head weight to the compute dtype once per forward (bf16 under bf16 autocast, else the
   weights' dtype) and reuses that copy in the backward; in GRPO on CPU it takes the bf16 copy that
   generation made of the same weights instead (:mod:`manyways.backends.packed_linear`);
@@ -44,7 +46,7 @@ from typing import Any
 
 import torch
 
-from manyways.prefix_sharing import dropout_active, pack_groups, shared_prefix_hidden
+from manyways.prefix_sharing import bucket_length, dropout_active, pack_groups, shared_prefix_hidden
 from manyways.tied_embedding import Handoff, tied_embedding
 
 log = logging.getLogger(__name__)
@@ -404,12 +406,17 @@ def _completion_forward(
         )
     labels = labels.to(weight.device)
     mask = labels != -100
-    rows = hidden.to(weight.device)[mask]
+    rows, targets = hidden.to(weight.device)[mask], labels[mask]
+    scored = rows.shape[0]
+    if rows.device.type == "cpu":  # zero rows up to a bucket: oneDNN reuses its per-shape kernels
+        pad = bucket_length(scored) - scored
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        targets = torch.cat([targets, targets.new_zeros(pad)])
     training = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
     logp, entropy, top1 = CompletionLogProbs.apply(
         rows,
         weight,
-        labels[mask],
+        targets,
         options["inv_t"],
         options["want_entropy"],
         options["want_top1"],
@@ -418,6 +425,7 @@ def _completion_forward(
         _generation_cast(model),
         handoff,
     )
+    logp, entropy, top1 = (None if x is None else x[:scored] for x in (logp, entropy, top1))
 
     def spread(x: torch.Tensor | None) -> torch.Tensor | None:
         # masked_scatter keeps an all-masked batch connected to the graph (a zero, not an error)
