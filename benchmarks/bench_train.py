@@ -12,9 +12,14 @@
    forward and backward, over the first batch's examples packed in one row, transformers' sdpa with
    the block mask against the per-sequence attention the midtrain stage uses on CPU
    (:mod:`manyways.packed_attention`), interleaved.
-8. ``manyways.stages.rl.build_trainer`` for a few GRPO steps: time outside generation / time in
-   generation (TRL's ``_generate_single_turn`` timed), first step excluded (warm-up). The same run
-   with ``rl.loss_head=trl`` follows; its ratio is a detail (``ratio_with_trl_head``).
+8. ``manyways.stages.rl.build_trainer`` for ``fig8_steps`` GRPO steps (10): time outside
+   generation / time in generation (TRL's ``_generate_single_turn`` timed) per step, the median
+   over steps 2-10 (the first excluded: allocation, first kernels). Until 2026-12-04 the run was 5
+   steps; the details keep that window's median (``ratio_steps_2_5``) and the later steps'
+   (``ratio_steps_6_on``): on CPU the first steps also build oneDNN's kernels for each new length
+   bucket (:func:`manyways.prefix_sharing.bucket_length`), which on the development VM costs page
+   faults too, so a 5-step run measured mostly warm-up. The same run with ``rl.loss_head=trl``
+   follows; its ratio is a detail (``ratio_with_trl_head``).
 """
 
 from __future__ import annotations
@@ -347,7 +352,8 @@ def outside_ratios(step_s: list[float], gen_s: list[float]) -> list[float]:
 def figure_8(sizes: dict[str, int]) -> Figure:
     """GRPO: time outside generation / generation time per step (first step excluded)."""
     step_s, gen_s, group, forwards = grpo_split(sizes, "auto")
-    value, spread = median_spread(outside_ratios(step_s, gen_s))
+    ratios = outside_ratios(step_s, gen_s)  # steps 2, 3, ...
+    value, spread = median_spread(ratios)
     trl_step_s, trl_gen_s, _, _ = grpo_split(sizes, "trl")  # TRL's LM head, run after (not ABAB)
     # the verifier's own rewards: all wrong, every advantage 0, no backward (rl.skip_zero_advantage)
     zero_step_s, zero_gen_s, _, zero_forwards = grpo_split(sizes, "auto", train_every_row=False)
@@ -362,6 +368,9 @@ def figure_8(sizes: dict[str, int]) -> Figure:
         {
             "step_s": step_s,
             "generation_s": gen_s,
+            "ratios": ratios,
+            "ratio_steps_2_5": median_spread(ratios[:4])[0],
+            "ratio_steps_6_on": median_spread(ratios[4:])[0] if ratios[4:] else None,
             "ratio_with_trl_head": median_spread(outside_ratios(trl_step_s, trl_gen_s))[0],
             "trl_head_step_s": trl_step_s,
             "trl_head_generation_s": trl_gen_s,
