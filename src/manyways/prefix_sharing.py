@@ -228,11 +228,18 @@ def _register_small_attention() -> bool:
     return True
 
 
+def _checkpointing(backbone: torch.nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on, under either of transformers' names."""
+    if hasattr(type(backbone), "is_activation_checkpointing"):  # transformers >= 5.24
+        return bool(backbone.is_activation_checkpointing)
+    return bool(getattr(backbone, "is_gradient_checkpointing", False))
+
+
 def _use_small_attention(backbone: torch.nn.Module, packed: PackedBatch) -> bool:
     config = getattr(backbone, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if packed.input_ids.device.type != "cpu" or getattr(backbone, "is_gradient_checkpointing", False):
+    if packed.input_ids.device.type != "cpu" or _checkpointing(backbone):
         return False
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     length = packed.input_ids.shape[1]
