@@ -415,3 +415,42 @@ def test_clipping_in_the_fused_optimizer_steps_as_the_multiply_does(
                 assert torch.equal(a, b), f"{name} {what}"
     if clipping:  # the gradients were clipped: not the ones the backward left
         assert any(not torch.equal(ours[n][1], start[n][1]) for n in ours)
+
+
+def test_clip_factor_in_the_optimizer_is_ours_once_and_leaves_a_grad_scaler_alone(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A clip not followed by a step is replaced by the next clip's factor (never applied twice);
+    a grad_scale someone else set (torch's GradScaler) makes the clip multiply instead, and the
+    step leaves that attribute for its owner to remove."""
+    from manyways.models import load_tokenizer
+    from manyways.stages import midtrain
+
+    examples, _ = midtrain.to_prompt_completion([sft_row(3), sft_row(12345)])
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "midtrain.trl.max_grad_norm=0.001")
+    trainer = midtrain.build_trainer(cfg, tmp_path / "mt", examples, load_tokenizer(str(tiny_model_dir)))
+    model = trainer.model
+    trainer.compute_loss(
+        model, trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    ).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer = trainer.create_optimizer()
+    norm = trainer._clip_grad_norm(model)
+    factor = 0.001 / (norm + 1e-6)
+    first = optimizer.grad_scale
+    trainer._clip_grad_norm(model)  # again, without a step in between: replaced, not stacked
+    assert optimizer.grad_scale is not first and torch.equal(optimizer.grad_scale, first)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())  # not multiplied
+    optimizer.step()
+    assert getattr(optimizer, "grad_scale", None) is None
+    for name, p in model.named_parameters():  # clipped by the step, once
+        torch.testing.assert_close(p.grad, grads[name] * factor, rtol=1e-6, atol=1e-12)
+    theirs = torch.tensor(1.0)
+    optimizer.grad_scale = theirs  # a GradScaler's
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    trainer._clip_grad_norm(model)
+    assert optimizer.grad_scale is theirs
+    assert any(not torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())  # multiplied
+    optimizer.step()
+    assert optimizer.grad_scale is theirs  # its owner deletes it

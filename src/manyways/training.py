@@ -300,6 +300,7 @@ def clip_only_when_needed(trainer: Any) -> bool:
 
 
 _ONE_SHOT = "_manyways_grad_scale_once"
+_OURS = "_manyways_clip_grad_scale"  # the grad_scale we set (a clip not followed by a step is replaced)
 
 
 def _clip_in_optimizer(optimizer: Any, params: list[Any], factor: Any) -> bool:
@@ -315,8 +316,10 @@ def _clip_in_optimizer(optimizer: Any, params: list[Any], factor: Any) -> bool:
         return False
     if not all(group.get("fused") for group in inner.param_groups):
         return False
-    if getattr(inner, "grad_scale", None) is not None or getattr(inner, "found_inf", None) is not None:
-        return False  # a GradScaler's, or ours not yet consumed
+    ours = inner.__dict__.get(_OURS)
+    scale = getattr(inner, "grad_scale", None)
+    if (scale is not None and scale is not ours) or getattr(inner, "found_inf", None) is not None:
+        return False  # a GradScaler's
     owned = {id(p) for group in inner.param_groups for p in group["params"]}
     if any(id(p) not in owned or p.grad.dtype != torch.float32 for p in params):
         return False
@@ -326,12 +329,14 @@ def _clip_in_optimizer(optimizer: Any, params: list[Any], factor: Any) -> bool:
         def step_once(*args: Any, **kwargs: Any) -> Any:
             try:
                 return step(*args, **kwargs)
-            finally:
-                inner.__dict__.pop("grad_scale", None)  # this step's factor only
+            finally:  # this step's factor only, and only ours
+                mine = inner.__dict__.pop(_OURS, None)
+                if mine is not None and inner.__dict__.get("grad_scale") is mine:
+                    del inner.grad_scale
 
         setattr(step_once, _ONE_SHOT, True)
         inner.step = step_once
-    inner.grad_scale = (1.0 / factor).to(torch.float32)  # the kernel divides by it
+    inner.grad_scale = inner.__dict__[_OURS] = (1.0 / factor).to(torch.float32)  # the kernel divides by it
     return True
 
 
