@@ -174,15 +174,21 @@ def _pack(
     allowed |= torch.eye(length, dtype=torch.bool).unsqueeze(0)
     mask = allowed.unsqueeze(1)
     if attn_implementation == "eager":  # eager attention adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(
-            ~mask, torch.finfo(torch.float32).min
-        )
+        mask = additive_mask(mask)
     return PackedBatch(
         input_ids=ids.to(device),
         position_ids=positions.to(device),
         attention_mask=mask.to(device),
         gather=gather.to(device),
         computed=n * length,
+    )
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the float32 mask eager attention adds to the
+    scores: 0 where allowed, the float32 minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(torch.float32).min
     )
 
 
@@ -210,9 +216,7 @@ def small_attention_forward(
     scores = scores.view(batch, kv_heads, group, length, keys) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(
-                attention_mask.shape, dtype=torch.float32, device=query.device
-            ).masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+            attention_mask = additive_mask(attention_mask)
         scores = scores + attention_mask[:, :, None, :, :keys]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs.view(batch, kv_heads, group * length, keys), value)
@@ -256,9 +260,7 @@ def shared_prefix_hidden(backbone: torch.nn.Module, packed: PackedBatch) -> torc
     if small:
         config._attn_implementation = SMALL_ATTENTION  # type: ignore[union-attr]
         if mask.dtype == torch.bool:  # additive once, not in every layer
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(torch.float32).min
-            )
+            mask = additive_mask(mask)
     try:
         hidden = backbone(
             input_ids=packed.input_ids,

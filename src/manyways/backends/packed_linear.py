@@ -22,8 +22,7 @@ GRPO's generation on CPU runs the trained model's fp32 weights under bf16 autoca
 (:func:`manyways.training.cache_casts_during_generation`): autocast casts each weight to bf16 and
 torch's linear reorders that copy on every decode step. With ``under_autocast`` the wrapper casts
 and packs each fp32 weight once instead, computing what autocast computes (input, weight and bias
-in bf16). :func:`packed_during` does that for one ``generate`` call and drops the copies when it
-returns.
+in bf16).
 
 GRPO's training forward then needs the same bf16 weights again: the optimizer has not run since
 generation, so autocast would cast every weight once more. With ``for_training`` the copies are
@@ -47,8 +46,6 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -233,18 +230,6 @@ def install(model: Any, under_autocast: bool = False, for_training: bool = False
     if count:
         logger.debug("packed-weight bf16 linear layers: %d", count)
     return count
-
-
-@contextmanager
-def packed_during(model: Any, under_autocast: bool = True) -> Iterator[int]:
-    """:func:`install` for the duration of the block, then :func:`uninstall` (the packed copies
-    freed, so none outlives an optimizer step); yields how many layers were wrapped."""
-    count = install(model, under_autocast=under_autocast)
-    try:
-        yield count
-    finally:
-        if count:
-            uninstall(model)
 
 
 def uninstall(model: Any) -> int:
