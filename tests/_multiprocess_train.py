@@ -1,6 +1,7 @@
 """Run by tests/test_training_multiprocess.py under a 2-process launch (one copy per rank):
-``python _multiprocess_train.py {midtrain|rl|rl_zero} ROOT`` (rl_zero: rank 0's completions
-all wrong, so its micro-batches have zero advantage while rank 1's train); writes each rank's manifest counts to ROOT/counts-rank{RANK}.json."""
+``python _multiprocess_train.py {midtrain|rl|rl_zero|rl_bf16} ROOT`` (rl_zero: rank 0's completions
+all wrong, so its micro-batches have zero advantage while rank 1's train; rl_bf16: bf16 autocast,
+the training forwards from generation's kept bf16 copies, with each rank's final weights); writes each rank's manifest counts to ROOT/counts-rank{RANK}.json."""
 
 from __future__ import annotations
 
@@ -46,8 +47,37 @@ def main(which: str, root: Path) -> None:
         scratch = root / f"rank{os.environ.get('RANK', '0')}"  # rl_cfg writes a problem file there
         scratch.mkdir(exist_ok=True)
         shared = f"data.rl={{kind: local, path: {root / 'rl.jsonl'}, fields: {{problem_id: id}}}}"
-        cfg = rl_cfg(scratch, model, 8, f"run.root={root}", shared, "rl.max_steps=2")
+        extra = ["model.dtype=bfloat16"] if which == "rl_bf16" else []
+        cfg = rl_cfg(scratch, model, 8, f"run.root={root}", shared, "rl.max_steps=2", *extra)
+        if which == "rl_bf16":  # the training forwards from generation's bf16 copies, under DDP
+            from manyways.backends import packed_linear
+
+            trainers, reused, apply = [], [0], packed_linear.CachedCastLinear.apply
+            packed_linear.CachedCastLinear.apply = lambda *a: (
+                reused.__setitem__(0, reused[0] + 1) or apply(*a)
+            )
+            build = rl.build_trainer
+
+            def built(*a, **k):  # the trainer, and its weights before training
+                trainers.append(build(*a, **k))
+                initial.append(
+                    sum(float(p.detach().double().abs().sum()) for p in trainers[-1][0].model.parameters())
+                )
+                return trainers[-1]
+
+            initial: list[float] = []
+            rl.build_trainer = built
         m = rl.run(cfg, cfg.run_dir / "rl", show_progress=False)
+        if which == "rl_bf16":  # every rank's weights after training, and how often the copies served
+            model_ = trainers[0][0].model
+            params = torch.cat([p.detach().double().flatten() for p in model_.parameters()])
+            m["counts"] = {
+                **m["counts"],
+                "reused_copies": reused[0],
+                "weights_sum": float(params.sum()),
+                "weights_abs_sum": float(params.abs().sum()),
+                "initial_abs_sum": initial[0],
+            }
     # one file per rank: both ranks share the launcher's stdout, where their lines can interleave
     out = root / f"counts-rank{os.environ.get('RANK', '0')}.json"
     out.write_text(

@@ -82,3 +82,18 @@ def test_two_process_rl_with_one_rank_all_zero_advantage(tmp_path: Path) -> None
     # rank 0: one packed forward without autograd per step (the anchor's is not counted); rank 1:
     # its 3 rows packed, the unanswered row alone
     assert forwards["forwards"] == 2 + 4 and forwards["shared"] == 2 + 2
+
+
+@pytest.mark.slow
+def test_two_process_rl_in_bf16_reuses_generations_copies_and_keeps_ranks_equal(tmp_path: Path) -> None:
+    """bf16 autocast under DDP: the training forwards run from the bf16 copies generation made
+    (packed_linear.CachedCastLinear), whose weight gradients reach DDP's all-reduce through
+    autograd like any other, so both ranks end with the same weights (the clip factor goes to
+    each rank's fused AdamW, and the tied embedding's gradient through the head's buffer)."""
+    rl_cfg(tmp_path, "unused", 8)
+    counts = _launch("rl_bf16", tmp_path)
+    assert counts[0]["global_step"] == counts[1]["global_step"] == 2
+    assert counts[0]["reused_copies"] > 0 and counts[1]["reused_copies"] > 0
+    assert counts[0]["weights_sum"] == counts[1]["weights_sum"]
+    assert counts[0]["weights_abs_sum"] == counts[1]["weights_abs_sum"]
+    assert counts[0]["weights_abs_sum"] != counts[0]["initial_abs_sum"]  # it trained
